@@ -1,0 +1,55 @@
+# The two commands a newcomer needs:  make demo  and  make test.
+# Both create .venv when it is missing, install the project into it, then run.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+# Debian packages the test suite drives (each test that needs one also checks
+# for it and says which package is missing).  Installed once, as root, when a
+# package is absent; `make sysdeps` on its own does just this.
+SYS_PACKAGES := nodejs npm
+
+.PHONY: demo test test-quick test-boot lint sysdeps bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(SYS_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/optogate demo $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) sysdeps lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not boot"
+
+# Everyday subset: the sans-I/O cores only, seconds.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m unit
+
+# The emulated Raspberry Pi boot (slow; its own target, also run by CI).
+test-boot: $(STAMP) sysdeps
+	$(PY) -m pytest -q -p no:cacheprovider -m boot tests || test $$? -eq 5
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

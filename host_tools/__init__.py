@@ -1,0 +1,2 @@
+"""Tools for the vendor's side and for people: client library, ``optogate call``,
+the link simulator, the modem emulator and the demo launcher."""
