@@ -1,0 +1,1 @@
+"""Durable storage: atomic file replacement and the atomic TinyDB storage over it."""
