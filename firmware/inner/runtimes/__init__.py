@@ -1,0 +1,1 @@
+"""Algorithm runtimes of the inner module (see ``base`` for the contract)."""
