@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help).  Keep alphabetical within each group.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bundle": ("provisioning.bundle_cli", "pack and inspect service bundles"),
     "link": ("firmware.common.link.cli", "test the optical UART link (echo / test)"),
     "sim": ("host_tools.sim_cli", "simulators: the optical link, the modem"),
 }
