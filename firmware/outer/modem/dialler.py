@@ -1,0 +1,699 @@
+"""Dial-up call control for a Hayes modem (sans-I/O).
+
+Theory of operation
+-------------------
+:class:`Dialler` is a state machine driven by three inputs -- bytes from the
+modem (:meth:`Dialler.receive_bytes`), the clock (:meth:`Dialler.handle_deadline`)
+and the caller's requests (:meth:`dial`, :meth:`answer`, :meth:`send_data`,
+:meth:`hangup`) -- each with an explicit ``now`` in seconds.  It produces bytes
+for the modem (:meth:`bytes_to_send`), events (:meth:`next_event`) and the time
+it next needs to be woken (:meth:`next_deadline`).  It never sleeps or reads a
+clock, so every scenario below runs under a fake clock in the tests.
+
+Originating a call (``dial``)::
+
+    IDLE -> RESETTING   ATZ, expect OK (ERROR or silence: ATZ again, up to
+                        RESET_ATTEMPTS; some modems answer ERROR to the first
+                        command after power-up)
+         -> RESET_PAUSE the modem reloads its profile after ATZ
+         -> INITIALISING the init string (default ATQ0 V1 E1 S0=0 &C1 &D2)
+         -> DIALLING    ATDT<number>; wait up to carrier_timeout for a result
+         -> ONLINE      after CONNECT: the byte stream is the caller's
+
+A failed attempt (BUSY, NO ANSWER, NO DIALTONE, NO CARRIER, no result in time)
+is reported as :class:`CallAttemptFailed` and retried after an exponential
+backoff with seeded jitter (BACKOFF), until ``max_attempts`` are spent
+(:class:`CallFailed`).  ERROR to the dial command is not retried: the number
+or the modem configuration is wrong.  Every dial counts against
+``max_calls_per_hour``; when the cap is reached the call fails at once with
+:class:`CallLimitReached` carrying the time the next call is allowed.
+
+Answering (``answer``): after the same reset and init, WAITING_FOR_RING; each
+RING is reported as :class:`Ringing`; with ``auto_answer_rings == 0`` the core
+answers with ATA at once, otherwise it sets S0 and waits for the modem's own
+CONNECT.  A failed answer goes back to waiting for the next call.
+
+Data mode and carrier loss
+--------------------------
+After CONNECT every byte from the modem is data (:class:`DataReceived`).  Binary
+data may contain the text ``NO CARRIER``, so the core applies one rule: carrier
+is lost when the stream ends with exactly ``\\r\\nNO CARRIER\\r\\n`` and nothing
+follows for ``carrier_confirm`` seconds (a modem that dropped carrier is in
+command state and sends nothing more).  Until then those bytes (and a trailing
+partial match) are held back, and released as data the moment more bytes come.
+Where the port has a DCD line the adapter reports it with
+:meth:`set_carrier_detect`, which is authoritative.  A line that dies silently
+is detected by the link session's keepalives, not here.
+
+Hang-up
+-------
+With modem-control lines (``use_dtr``): drop DTR (``&D2`` makes the modem hang
+up), raise it again, and check with ``AT`` -> OK.  Without them (a pty), or if
+the modem stays silent: the escape sequence -- ``guard`` seconds without
+sending, ``+++``, ``guard`` seconds of silence, expect OK -- then ``ATH0``.
+Our frames start with a 0x00 delimiter, so link traffic never looks like a
+guarded ``+++``.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from firmware.common.errors import ConfigError, LocalProtocolError, ModemError
+from firmware.outer.modem.at import (
+    EchoLine,
+    FinalResult,
+    InformationLine,
+    ResultCode,
+    ResultParser,
+    UnsolicitedResult,
+)
+from firmware.outer.modem.errors import (
+    Busy,
+    CallLimitReached,
+    ModemCommandError,
+    ModemTimeout,
+    NoAnswer,
+    NoCarrier,
+    NoDialtone,
+)
+
+#: Tries of ATZ before giving up.  The USR5637 and others answer ERROR to the
+#: first command after power-up (line noise in their buffer); 3 covers that
+#: and one lost reply.
+RESET_ATTEMPTS: Final = 3
+
+#: How the data stream announces carrier loss in verbose mode (V1).
+NO_CARRIER_BYTES: Final = b"\r\nNO CARRIER\r\n"
+
+#: Extra silence on top of the modem's guard time (S12), so the jitter of the
+#: event loop and of the USB serial driver cannot make our silence too short.
+GUARD_MARGIN: Final = 0.2
+
+#: Times the escape sequence is tried before declaring the hang-up unclean.
+ESCAPE_ATTEMPTS: Final = 2
+
+#: One hour, the window of the calls-per-hour cap.
+HOUR: Final = 3600.0
+
+_DIAL_CHARS: Final = frozenset("0123456789*#,WwPpTt@!-() ")
+
+
+@dataclass(frozen=True)
+class DiallerConfig:
+    """How to drive the modem; every duration is in seconds.
+
+    Raises ConfigError (from construction) for values that cannot work.
+    """
+
+    number: str = ""
+    init_string: str = "ATQ0 V1 E1 S0=0 &C1 &D2"
+    dial_command: str = "ATDT"
+    #: ATZ reloads the stored profile; Hayes-compatible modems need up to a
+    #: second before they accept the next command.
+    reset_pause: float = 1.0
+    command_timeout: float = 5.0
+    #: S7 defaults to 50 s of carrier wait on most modems; 60 s leaves time for
+    #: dialling the digits before S7 starts counting.
+    carrier_timeout: float = 60.0
+    max_attempts: int = 5
+    backoff_initial: float = 10.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 600.0
+    #: +/- fraction of each backoff, so a fleet of gateways does not redial in step.
+    jitter: float = 0.25
+    max_calls_per_hour: int = 12
+    seed: int | None = None
+    #: S12 = 50 fiftieths: the escape guard time of a Hayes modem.
+    escape_guard: float = 1.0
+    carrier_confirm: float = 0.5
+    #: How long DTR stays low; &D2 needs it low for more than S25 (50 ms).
+    dtr_drop_time: float = 0.5
+    use_dtr: bool = False
+    auto_answer_rings: int = 0
+    answer_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if any(ch not in _DIAL_CHARS for ch in self.number):
+            raise ConfigError(f"phone number has characters a modem cannot dial: {self.number!r}")
+        for name in ("init_string", "dial_command"):
+            value = getattr(self, name)
+            if not value.upper().startswith("AT") or any(c in value for c in "\r\n"):
+                raise ConfigError(f"{name} must be one AT command line, got {value!r}")
+        positive = (
+            "reset_pause",
+            "command_timeout",
+            "carrier_timeout",
+            "backoff_initial",
+            "escape_guard",
+            "carrier_confirm",
+            "dtr_drop_time",
+            "answer_timeout",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_attempts < 1 or self.max_calls_per_hour < 1:
+            raise ConfigError("max_attempts and max_calls_per_hour must be at least 1")
+        if self.backoff_factor < 1 or self.backoff_max < self.backoff_initial:
+            raise ConfigError("backoff must not shrink")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError("jitter must be in [0, 1)")
+        if not 0 <= self.auto_answer_rings <= 255:
+            raise ConfigError("auto_answer_rings must be 0..255 (register S0)")
+
+
+class State(enum.Enum):
+    """Where the call is."""
+
+    IDLE = "idle"
+    RESETTING = "resetting"
+    RESET_PAUSE = "reset pause"
+    INITIALISING = "initialising"
+    DIALLING = "dialling"
+    ABORTING = "aborting"
+    BACKOFF = "backoff"
+    WAITING_FOR_RING = "waiting for ring"
+    ANSWERING = "answering"
+    ONLINE = "online"
+    DTR_LOW = "dtr low"
+    DTR_PROBE = "dtr probe"
+    ESCAPE_GUARD = "escape guard"
+    ESCAPE_WAIT = "escape wait"
+    HANGING_UP = "hanging up"
+
+
+class _Mode(enum.Enum):
+    ORIGINATE = "originate"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True)
+class Connected:
+    """The call is up; from now on the stream carries data."""
+
+    speed: int | None
+    protocol: str
+    text: str
+
+
+@dataclass(frozen=True)
+class CallAttemptFailed:
+    """One attempt failed; another follows at ``retry_at`` (answer mode: at once)."""
+
+    error: ModemError
+    attempt: int
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """The call could not be made; the core is IDLE again."""
+
+    error: ModemError
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Ringing:
+    """An incoming call rang (answer mode); ``count`` rings so far."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class DataReceived:
+    """Bytes from the far end (ONLINE only)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CarrierLost:
+    """The connection dropped; the core is IDLE and the modem in command state."""
+
+
+@dataclass(frozen=True)
+class HungUp:
+    """A requested hang-up finished; ``clean`` is False if the modem never confirmed it."""
+
+    clean: bool
+
+
+@dataclass(frozen=True)
+class SetDTR:
+    """Action for the adapter: set the DTR line to ``level``."""
+
+    level: bool
+
+
+DiallerEvent = (
+    Connected
+    | CallAttemptFailed
+    | CallFailed
+    | Ringing
+    | DataReceived
+    | CarrierLost
+    | HungUp
+    | SetDTR
+)
+
+_RESULT_ERRORS: Final[dict[ResultCode, type[ModemError]]] = {
+    ResultCode.BUSY: Busy,
+    ResultCode.NO_ANSWER: NoAnswer,
+    ResultCode.NO_DIALTONE: NoDialtone,
+    ResultCode.NO_CARRIER: NoCarrier,
+    ResultCode.ERROR: ModemCommandError,
+    ResultCode.OK: ModemCommandError,
+}
+
+_HANGUP_STATES: Final = frozenset(
+    {State.DTR_LOW, State.DTR_PROBE, State.ESCAPE_GUARD, State.ESCAPE_WAIT, State.HANGING_UP}
+)
+
+
+class Dialler:
+    """The dial-up call state machine; see the module docstring."""
+
+    def __init__(self, config: DiallerConfig) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._parser = ResultParser()
+        self._state = State.IDLE
+        self._mode = _Mode.ORIGINATE
+        self._out = bytearray()
+        self._events: deque[DiallerEvent] = deque()
+        self._deadline: float | None = None
+        self._calls: deque[float] = deque()
+        self._attempts = 0
+        self._reset_tries = 0
+        self._init_queue: list[str] = []
+        self._rings = 0
+        self._escape_tries = 0
+        self._hangup_requested = False
+        self._last_tx = float("-inf")
+        self._held = b""
+        self._held_deadline: float | None = None
+        self._skip_lf = False
+        self._stats = {
+            "calls": 0,
+            "connects": 0,
+            "false_no_carrier": 0,
+            "discarded_bytes": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+        }
+
+    # ----------------------------------------------------------- inspection
+
+    @property
+    def state(self) -> State:
+        """The current :class:`State`."""
+        return self._state
+
+    def statistics(self) -> dict[str, int]:
+        """Return counters (calls, connects, false NO CARRIER alarms, bytes)."""
+        return {**self._stats, **{f"parser_{k}": v for k, v in self._parser.statistics().items()}}
+
+    def next_deadline(self) -> float | None:
+        """Return when :meth:`handle_deadline` must next be called, or None."""
+        times = [t for t in (self._deadline, self._held_deadline) if t is not None]
+        return min(times) if times else None
+
+    def bytes_to_send(self) -> bytes:
+        """Return (and forget) the bytes to write to the modem."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> DiallerEvent | None:
+        """Return the oldest pending event, or None."""
+        return self._events.popleft() if self._events else None
+
+    # -------------------------------------------------------------- requests
+
+    def dial(self, now: float) -> None:
+        """Start a call to the configured number.
+
+        Raises LocalProtocolError unless IDLE, ConfigError without a number.
+        Outcome: Connected, or CallFailed (also at once when the hourly cap is reached).
+        """
+        self._require_idle("dial")
+        if not self.config.number.strip():
+            raise ConfigError("no phone number configured")
+        self._mode = _Mode.ORIGINATE
+        self._attempts = 0
+        if self._cap_blocks(now):
+            return
+        self._start_reset(now, [self.config.init_string])
+
+    def answer(self, now: float) -> None:
+        """Prepare the modem to answer incoming calls (RING -> ATA, or S0 auto-answer).
+
+        Raises LocalProtocolError unless IDLE.
+        """
+        self._require_idle("answer")
+        self._mode = _Mode.ANSWER
+        self._attempts = 0
+        commands = [self.config.init_string]
+        if self.config.auto_answer_rings:
+            commands.append(f"ATS0={self.config.auto_answer_rings}")
+        self._start_reset(now, commands)
+
+    def send_data(self, data: bytes, now: float) -> None:
+        """Queue data for the far end.  Raises LocalProtocolError unless ONLINE."""
+        if self._state is not State.ONLINE:
+            raise LocalProtocolError(f"cannot send data while {self._state.value}")
+        if data:
+            self._out += data
+            self._last_tx = now
+            self._stats["bytes_out"] += len(data)
+
+    def hangup(self, now: float) -> None:
+        """End the call, or abandon whatever is in progress; HungUp follows.
+
+        Idempotent: in IDLE it reports HungUp(clean=True) at once; while a
+        hang-up is already running it does nothing.
+        """
+        state = self._state
+        if state in _HANGUP_STATES:
+            return
+        if state is State.ONLINE:
+            self._flush_held()
+            if self.config.use_dtr:
+                self._events.append(SetDTR(False))
+                self._enter(State.DTR_LOW, now + self.config.dtr_drop_time)
+            else:
+                self._start_escape(now)
+            return
+        if state in (State.DIALLING, State.ANSWERING, State.ABORTING):
+            self._hangup_requested = True
+            if state is not State.ABORTING:
+                self._abort_call(now)
+            return
+        self._go_idle()
+        self._events.append(HungUp(clean=True))
+
+    def set_carrier_detect(self, present: bool, now: float) -> None:
+        """Report the DCD line (ports that have one); its loss while ONLINE ends the call."""
+        del now
+        if not present and self._state is State.ONLINE:
+            self._flush_held()
+            self._carrier_lost()
+
+    # ------------------------------------------------------------------ input
+
+    def receive_bytes(self, data: bytes, now: float) -> None:
+        """Consume bytes read from the modem."""
+        if not data:
+            return
+        self._stats["bytes_in"] += len(data)
+        if self._state is State.ONLINE:
+            self._data_in(data, now)
+            return
+        if self._state in (State.IDLE, State.DTR_LOW, State.ESCAPE_GUARD):
+            # idle chatter, or the tail of the data stream while we hang up
+            self._stats["discarded_bytes"] += len(data)
+            return
+        self._parser.receive_bytes(data)
+        self._drain_parser(now)
+
+    def handle_deadline(self, now: float) -> None:
+        """Act on every deadline that is due at ``now``."""
+        if self._held_deadline is not None and now >= self._held_deadline:
+            self._held_deadline = None
+            if self._held == NO_CARRIER_BYTES:
+                self._held = b""
+                self._carrier_lost()
+            else:
+                self._flush_held()
+        if self._deadline is None or now < self._deadline:
+            return
+        self._deadline = None
+        handler = getattr(self, f"_timeout_{self._state.name.lower()}", None)
+        if handler is not None:
+            handler(now)
+
+    # ------------------------------------------------------------- internals
+
+    def _require_idle(self, what: str) -> None:
+        if self._state is not State.IDLE:
+            raise LocalProtocolError(f"cannot {what} while {self._state.value}")
+
+    def _enter(self, state: State, deadline: float | None) -> None:
+        self._state = state
+        self._deadline = deadline
+
+    def _go_idle(self) -> None:
+        self._enter(State.IDLE, None)
+        self._parser.reset()
+        self._held = b""
+        self._held_deadline = None
+        self._hangup_requested = False
+
+    def _command(self, command: str, now: float, state: State, timeout: float) -> None:
+        self._parser.command_sent(command)
+        self._out += command.encode("ascii") + b"\r"
+        self._last_tx = now
+        self._enter(state, now + timeout)
+
+    def _cap_blocks(self, now: float) -> bool:
+        while self._calls and self._calls[0] <= now - HOUR:
+            self._calls.popleft()
+        if len(self._calls) < self.config.max_calls_per_hour:
+            return False
+        self._fail(CallLimitReached(retry_at=self._calls[0] + HOUR))
+        return True
+
+    def _fail(self, error: ModemError) -> None:
+        self._go_idle()
+        self._events.append(CallFailed(error, self._attempts))
+
+    def _start_reset(self, now: float, commands: list[str]) -> None:
+        self._init_queue = commands
+        self._reset_tries = 1
+        self._parser.reset()
+        self._command("ATZ", now, State.RESETTING, self.config.command_timeout)
+
+    def _next_init(self, now: float) -> None:
+        if self._init_queue:
+            command = self._init_queue.pop(0)
+            self._command(command, now, State.INITIALISING, self.config.command_timeout)
+        elif self._mode is _Mode.ORIGINATE:
+            self._start_attempt(now)
+        else:
+            self._rings = 0
+            self._enter(State.WAITING_FOR_RING, None)
+
+    def _start_attempt(self, now: float) -> None:
+        if self._cap_blocks(now):
+            return
+        self._calls.append(now)
+        self._attempts += 1
+        self._stats["calls"] += 1
+        command = f"{self.config.dial_command}{self.config.number}"
+        self._command(command, now, State.DIALLING, self.config.carrier_timeout)
+
+    def _abort_call(self, now: float) -> None:
+        # Any character typed while a modem dials or answers aborts the call.
+        self._out += b"\r"
+        self._last_tx = now
+        self._enter(State.ABORTING, now + self.config.command_timeout)
+
+    def _attempt_failed(self, error: ModemError, now: float) -> None:
+        if self._hangup_requested:
+            self._go_idle()
+            self._events.append(HungUp(clean=True))
+            return
+        if self._mode is _Mode.ANSWER:
+            self._attempts += 1
+            self._events.append(CallAttemptFailed(error, self._attempts, now))
+            self._rings = 0
+            self._parser.reset()
+            self._enter(State.WAITING_FOR_RING, None)
+            return
+        retryable = not isinstance(error, ModemCommandError)
+        if not retryable or self._attempts >= self.config.max_attempts:
+            self._fail(error)
+            return
+        cfg = self.config
+        growth = cfg.backoff_factor ** (self._attempts - 1)
+        delay = min(cfg.backoff_max, cfg.backoff_initial * growth)
+        delay *= 1.0 + self._rng.uniform(-cfg.jitter, cfg.jitter)
+        retry_at = now + delay
+        self._events.append(CallAttemptFailed(error, self._attempts, retry_at))
+        self._parser.reset()
+        self._enter(State.BACKOFF, retry_at)
+
+    def _go_online(self, result: FinalResult, now: float) -> None:
+        tail = self._parser.detach()
+        self._skip_lf = self._parser.pending_lf
+        self._hangup_requested = False
+        self._stats["connects"] += 1
+        self._enter(State.ONLINE, None)
+        self._events.append(Connected(result.speed, result.protocol, result.text))
+        if tail:
+            self._data_in(tail, now)
+
+    def _carrier_lost(self) -> None:
+        self._go_idle()
+        self._events.append(CarrierLost())
+
+    def _start_escape(self, now: float) -> None:
+        self._escape_tries += 1
+        guard = self.config.escape_guard + GUARD_MARGIN
+        self._parser.reset()
+        self._enter(State.ESCAPE_GUARD, max(now, self._last_tx + guard))
+
+    def _hung_up(self, clean: bool) -> None:
+        self._escape_tries = 0
+        self._go_idle()
+        self._events.append(HungUp(clean))
+
+    # --------------------------------------------------------------- data mode
+
+    def _data_in(self, data: bytes, now: float) -> None:
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        if self._held == NO_CARRIER_BYTES and data:
+            self._stats["false_no_carrier"] += 1
+        buf = self._held + data
+        if buf.endswith(NO_CARRIER_BYTES):
+            keep = len(NO_CARRIER_BYTES)
+        else:
+            keep = 0
+            for k in range(min(len(buf), len(NO_CARRIER_BYTES) - 1), 0, -1):
+                if NO_CARRIER_BYTES.startswith(buf[-k:]):
+                    keep = k
+                    break
+        deliver = buf[: len(buf) - keep]
+        self._held = buf[len(buf) - keep :]
+        self._held_deadline = now + self.config.carrier_confirm if self._held else None
+        if deliver:
+            self._events.append(DataReceived(deliver))
+
+    def _flush_held(self) -> None:
+        if self._held:
+            self._events.append(DataReceived(self._held))
+        self._held = b""
+        self._held_deadline = None
+
+    # ------------------------------------------------------- parser events
+
+    def _drain_parser(self, now: float) -> None:
+        while (event := self._parser.next_event()) is not None:
+            if isinstance(event, EchoLine | InformationLine):
+                continue
+            if isinstance(event, UnsolicitedResult):
+                self._on_ring(now)
+                continue
+            self._on_final(event, now)
+            if self._state is State.ONLINE:
+                return
+
+    def _on_ring(self, now: float) -> None:
+        if self._state is not State.WAITING_FOR_RING:
+            return
+        self._rings += 1
+        self._events.append(Ringing(self._rings))
+        if self.config.auto_answer_rings == 0:
+            self._command("ATA", now, State.ANSWERING, self.config.answer_timeout)
+
+    def _on_final(self, result: FinalResult, now: float) -> None:
+        code = result.code
+        state = self._state
+        if code is ResultCode.CONNECT:
+            if state in (State.DIALLING, State.ANSWERING, State.ABORTING, State.WAITING_FOR_RING):
+                if self._hangup_requested:
+                    # connected just as we gave up: go online, then hang up properly
+                    self._go_online(result, now)
+                    self.hangup(now)
+                    return
+                self._go_online(result, now)
+            return
+        if state is State.RESETTING:
+            if code is ResultCode.OK:
+                self._enter(State.RESET_PAUSE, now + self.config.reset_pause)
+            else:
+                self._retry_reset(ModemCommandError(f"ATZ answered {result.text}"), now)
+        elif state is State.INITIALISING:
+            if code is ResultCode.OK:
+                self._next_init(now)
+            else:
+                self._fail(ModemCommandError(f"init command answered {result.text}"))
+        elif state in (State.DIALLING, State.ANSWERING):
+            self._attempt_failed(_RESULT_ERRORS[code](result.text), now)
+        elif state is State.ABORTING:
+            self._attempt_failed(ModemTimeout("no carrier before the deadline"), now)
+        elif state is State.DTR_PROBE:
+            if code is ResultCode.OK:
+                self._hung_up(clean=True)
+        elif state is State.ESCAPE_WAIT:
+            if code is ResultCode.OK:
+                self._command("ATH0", now, State.HANGING_UP, self.config.command_timeout)
+            elif code is ResultCode.NO_CARRIER:
+                self._hung_up(clean=True)
+        elif state is State.HANGING_UP:
+            self._hung_up(clean=code in (ResultCode.OK, ResultCode.NO_CARRIER))
+
+    def _retry_reset(self, error: ModemError, now: float) -> None:
+        if self._reset_tries >= RESET_ATTEMPTS:
+            self._fail(error)
+            return
+        self._reset_tries += 1
+        self._parser.reset()
+        self._command("ATZ", now, State.RESETTING, self.config.command_timeout)
+
+    # ------------------------------------------------------------ timeouts
+
+    def _timeout_resetting(self, now: float) -> None:
+        self._retry_reset(ModemTimeout("no answer to ATZ"), now)
+
+    def _timeout_reset_pause(self, now: float) -> None:
+        self._next_init(now)
+
+    def _timeout_initialising(self, now: float) -> None:
+        del now
+        self._fail(ModemTimeout("no answer to the init string"))
+
+    def _timeout_dialling(self, now: float) -> None:
+        self._abort_call(now)
+
+    def _timeout_answering(self, now: float) -> None:
+        self._abort_call(now)
+
+    def _timeout_aborting(self, now: float) -> None:
+        self._attempt_failed(ModemTimeout("no carrier before the deadline"), now)
+
+    def _timeout_backoff(self, now: float) -> None:
+        self._start_attempt(now)
+
+    def _timeout_dtr_low(self, now: float) -> None:
+        self._events.append(SetDTR(True))
+        self._parser.reset()
+        self._command("AT", now, State.DTR_PROBE, self.config.command_timeout)
+
+    def _timeout_dtr_probe(self, now: float) -> None:
+        self._start_escape(now)
+
+    def _timeout_escape_guard(self, now: float) -> None:
+        self._out += b"+++"
+        self._last_tx = now
+        wait = self.config.escape_guard + GUARD_MARGIN + self.config.command_timeout
+        self._enter(State.ESCAPE_WAIT, now + wait)
+
+    def _timeout_escape_wait(self, now: float) -> None:
+        if self._escape_tries < ESCAPE_ATTEMPTS:
+            self._start_escape(now)
+        else:
+            self._hung_up(clean=False)
+
+    def _timeout_hanging_up(self, now: float) -> None:
+        del now
+        self._hung_up(clean=False)

@@ -1,0 +1,524 @@
+"""The dialler core under a fake clock: every result code, timeout, retry and hang-up path."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from firmware.common.errors import ConfigError, LocalProtocolError
+from firmware.outer.modem.dialler import (
+    GUARD_MARGIN,
+    HOUR,
+    NO_CARRIER_BYTES,
+    CallAttemptFailed,
+    CallFailed,
+    CarrierLost,
+    Connected,
+    DataReceived,
+    Dialler,
+    DiallerConfig,
+    DiallerEvent,
+    HungUp,
+    Ringing,
+    SetDTR,
+    State,
+)
+from firmware.outer.modem.errors import (
+    Busy,
+    CallLimitReached,
+    ModemCommandError,
+    ModemTimeout,
+    NoAnswer,
+    NoCarrier,
+    NoDialtone,
+)
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+INIT = "ATQ0 V1 E1 S0=0 &C1 &D2"
+
+
+class Rig:
+    """A dialler plus a fake clock; the test plays the modem."""
+
+    def __init__(self, **overrides: object) -> None:
+        fields = {"number": "5551234", "seed": 7, **overrides}
+        self.d = Dialler(DiallerConfig(**fields))  # type: ignore[arg-type]
+        self.now = 1000.0
+
+    def sent(self) -> bytes:
+        return self.d.bytes_to_send()
+
+    def modem(self, data: bytes) -> None:
+        self.d.receive_bytes(data, self.now)
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock, firing every deadline on the way like an adapter would."""
+        target = self.now + seconds
+        while (deadline := self.d.next_deadline()) is not None and deadline <= target:
+            self.now = max(self.now, deadline)
+            self.d.handle_deadline(self.now)
+        self.now = target
+
+    def events(self) -> list[DiallerEvent]:
+        out = []
+        while (event := self.d.next_event()) is not None:
+            out.append(event)
+        return out
+
+    def reply(self, expect: bytes, answer: bytes) -> None:
+        """Check the dialler sent ``expect``, then echo it and answer."""
+        assert self.sent() == expect
+        self.modem(expect + answer)
+
+    def through_init(self) -> None:
+        self.reply(b"ATZ\r", b"\r\nOK\r\n")
+        assert self.d.state is State.RESET_PAUSE
+        self.advance(1.0)
+        self.reply(INIT.encode() + b"\r", b"\r\nOK\r\n")
+
+    def connect(self, line: bytes = b"CONNECT 33600/ARQ/V34/LAPM/V42BIS") -> None:
+        self.d.dial(self.now)
+        self.through_init()
+        self.reply(b"ATDT5551234\r", b"\r\n" + line + b"\r\n")
+        assert self.d.state is State.ONLINE
+
+
+def test_happy_path_reports_speed_and_protocol_and_hands_over_data() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600/ARQ/V34/LAPM/V42BIS\r\n\x00abc")
+    assert rig.events() == [
+        Connected(33600, "ARQ/V34/LAPM/V42BIS", "CONNECT 33600/ARQ/V34/LAPM/V42BIS"),
+        DataReceived(b"\x00abc"),
+    ]
+    rig.d.send_data(b"xyz", rig.now)
+    assert rig.sent() == b"xyz"
+
+
+def test_lf_of_connect_split_across_reads_is_not_data() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 9600\r")
+    rig.modem(b"\nhello")
+    assert rig.events()[1:] == [DataReceived(b"hello")]
+
+
+def test_error_to_first_command_after_power_up_is_retried() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nERROR\r\n")
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    assert rig.d.state is State.RESET_PAUSE
+    assert rig.events() == []
+
+
+def test_silent_modem_fails_after_three_resets() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    for _ in range(3):
+        assert rig.sent() == b"ATZ\r"
+        rig.advance(5.0)
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, ModemTimeout)
+    assert event.attempts == 0
+    assert rig.d.state is State.IDLE
+    assert rig.d.next_deadline() is None
+
+
+def test_rejected_init_string_fails_without_dialling() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nERROR\r\n")
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, ModemCommandError)
+    assert rig.sent() == b""
+    assert rig.d.state is State.IDLE
+
+
+def test_numeric_mode_modem_is_understood_before_init() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"ATZ\r", b"0\r")
+    assert rig.d.state is State.RESET_PAUSE
+
+
+@pytest.mark.parametrize(
+    ("result", "error_type"),
+    [
+        (b"\r\nBUSY\r\n", Busy),
+        (b"\r\nNO ANSWER\r\n", NoAnswer),
+        (b"\r\nNO DIALTONE\r\n", NoDialtone),
+        (b"\r\nNO CARRIER\r\n", NoCarrier),
+        (b"7\r", Busy),
+        (b"8\r", NoAnswer),
+        (b"6\r", NoDialtone),
+        (b"3\r", NoCarrier),
+    ],
+)
+def test_failed_attempts_are_retried_after_backoff(result: bytes, error_type: type) -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", result)
+    [event] = rig.events()
+    assert isinstance(event, CallAttemptFailed)
+    assert isinstance(event.error, error_type)
+    assert event.attempt == 1
+    assert rig.d.state is State.BACKOFF
+    assert 7.5 <= event.retry_at - rig.now <= 12.5  # 10 s +/- 25 %
+    rig.advance(event.retry_at - rig.now - 0.01)
+    assert rig.sent() == b""
+    rig.advance(0.01)
+    assert rig.sent() == b"ATDT5551234\r"
+    assert rig.d.state is State.DIALLING
+
+
+@pytest.mark.parametrize("result", [b"\r\nERROR\r\n", b"\r\nOK\r\n"])
+def test_error_to_dial_is_not_retried(result: bytes) -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", result)
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, ModemCommandError)
+    assert event.attempts == 1
+
+
+def test_carrier_wait_timeout_aborts_the_dial() -> None:
+    rig = Rig(carrier_timeout=45.0)
+    rig.d.dial(rig.now)
+    rig.through_init()
+    assert rig.sent() == b"ATDT5551234\r"
+    rig.advance(44.9)
+    assert rig.sent() == b""
+    rig.advance(0.1)
+    assert rig.sent() == b"\r"  # any character aborts
+    assert rig.d.state is State.ABORTING
+    rig.modem(b"\r\nNO CARRIER\r\n")
+    [event] = rig.events()
+    assert isinstance(event, CallAttemptFailed)
+    assert isinstance(event.error, ModemTimeout)
+
+
+def test_abort_that_gets_no_answer_still_ends_the_attempt() -> None:
+    rig = Rig(carrier_timeout=10.0, max_attempts=1)
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.sent()
+    rig.advance(10.0 + 5.0)
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, ModemTimeout)
+
+
+def busy_schedule(seed: int, attempts: int = 5) -> list[CallAttemptFailed | CallFailed]:
+    rig = Rig(seed=seed, max_attempts=attempts, max_calls_per_hour=100)
+    rig.d.dial(rig.now)
+    rig.through_init()
+    out: list[CallAttemptFailed | CallFailed] = []
+    while True:
+        rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+        [event] = rig.events()
+        assert isinstance(event, CallAttemptFailed | CallFailed)
+        out.append(event)
+        if isinstance(event, CallFailed):
+            return out
+        rig.advance(event.retry_at - rig.now)
+
+
+def test_backoff_is_exponential_capped_and_replays_with_the_seed() -> None:
+    first = busy_schedule(seed=42)
+    assert [type(e) for e in first] == [CallAttemptFailed] * 4 + [CallFailed]
+    assert first[-1].attempts == 5
+    retries = [e.retry_at for e in first if isinstance(e, CallAttemptFailed)]
+    # each attempt fails the moment it starts, so the gaps between retry times
+    # are the backoff delays of attempts 2, 3, ...
+    gaps = [b - a for a, b in itertools.pairwise(retries)]
+    for n, gap in enumerate(gaps, start=2):
+        nominal = 10.0 * 2 ** (n - 1)
+        assert nominal * 0.75 <= gap <= nominal * 1.25
+
+    def key(events: list[CallAttemptFailed | CallFailed]) -> list[tuple[object, ...]]:
+        return [
+            (type(e.error), e.retry_at if isinstance(e, CallAttemptFailed) else e.attempts)
+            for e in events
+        ]
+
+    assert key(busy_schedule(seed=42)) == key(first)
+    assert key(busy_schedule(seed=43)) != key(first)
+
+
+def test_backoff_never_exceeds_its_cap() -> None:
+    rig = Rig(backoff_initial=100.0, backoff_max=150.0, jitter=0.0, max_calls_per_hour=100)
+    rig.d.dial(rig.now)
+    rig.through_init()
+    for attempt in range(1, 4):
+        rig.reply(b"ATDT5551234\r", b"\r\nNO ANSWER\r\n")
+        [event] = rig.events()
+        assert isinstance(event, CallAttemptFailed)
+        assert event.retry_at - rig.now == min(150.0, 100.0 * 2 ** (attempt - 1))
+        rig.advance(event.retry_at - rig.now)
+
+
+def test_calls_per_hour_cap_stops_retries_and_new_calls() -> None:
+    rig = Rig(max_calls_per_hour=2, jitter=0.0)
+    rig.d.dial(rig.now)
+    rig.through_init()
+    first_call = rig.now
+    rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+    rig.advance(rig.events()[0].retry_at - rig.now)  # type: ignore[union-attr]
+    rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+    rig.events()
+    rig.advance(20.0)
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, CallLimitReached)
+    assert event.error.retry_at == first_call + HOUR
+    assert rig.sent() == b""
+    # a new request inside the hour fails at once, without touching the modem
+    rig.d.dial(rig.now)
+    [event] = rig.events()
+    assert isinstance(event.error, CallLimitReached)  # type: ignore[union-attr]
+    assert rig.sent() == b""
+    assert rig.d.state is State.IDLE
+    # an hour after the first call one call is allowed again
+    rig.now = first_call + HOUR
+    rig.d.dial(rig.now)
+    assert rig.sent() == b"ATZ\r"
+
+
+def test_requests_in_the_wrong_state_raise_and_change_nothing() -> None:
+    rig = Rig()
+    with pytest.raises(LocalProtocolError):
+        rig.d.send_data(b"x", rig.now)
+    rig.d.dial(rig.now)
+    rig.sent()
+    with pytest.raises(LocalProtocolError):
+        rig.d.dial(rig.now)
+    with pytest.raises(LocalProtocolError):
+        rig.d.answer(rig.now)
+    assert rig.d.state is State.RESETTING
+    assert rig.sent() == b""
+    with pytest.raises(ConfigError):
+        Dialler(DiallerConfig()).dial(0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"number": "555;1234"},
+        {"init_string": "Q0 V1"},
+        {"init_string": "ATZ\rATDT1"},
+        {"command_timeout": 0},
+        {"max_attempts": 0},
+        {"jitter": 1.5},
+        {"auto_answer_rings": 300},
+        {"backoff_factor": 0.5},
+    ],
+)
+def test_bad_configuration_is_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        DiallerConfig(**overrides)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ data mode
+
+
+def test_no_carrier_text_inside_data_is_data() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.modem(b"abc" + NO_CARRIER_BYTES)
+    assert rig.events() == [DataReceived(b"abc")]
+    rig.advance(0.2)
+    rig.modem(b"def")
+    assert rig.events() == [DataReceived(NO_CARRIER_BYTES + b"def")]
+    assert rig.d.state is State.ONLINE
+    assert rig.d.statistics()["false_no_carrier"] == 1
+
+
+def test_no_carrier_followed_by_silence_is_carrier_loss() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.modem(b"tail" + NO_CARRIER_BYTES[:5])
+    rig.modem(NO_CARRIER_BYTES[5:])
+    assert rig.events() == [DataReceived(b"tail")]
+    rig.advance(0.49)
+    assert rig.events() == []
+    rig.advance(0.01)
+    assert rig.events() == [CarrierLost()]
+    assert rig.d.state is State.IDLE
+    with pytest.raises(LocalProtocolError):
+        rig.d.send_data(b"x", rig.now)
+
+
+def test_partial_match_is_released_after_the_confirm_window() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.modem(b"data\r\nNO")
+    assert rig.events() == [DataReceived(b"data")]
+    rig.advance(0.5)
+    assert rig.events() == [DataReceived(b"\r\nNO")]
+    assert rig.d.state is State.ONLINE
+
+
+def test_dcd_drop_is_authoritative() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.modem(b"x\r")
+    rig.d.set_carrier_detect(False, rig.now)
+    assert rig.events() == [DataReceived(b"x"), DataReceived(b"\r"), CarrierLost()]
+
+
+# ------------------------------------------------------------------- hang-up
+
+
+def test_hangup_by_escape_waits_for_the_guard_then_ath0() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.d.send_data(b"last", rig.now)
+    rig.sent()
+    sent_at = rig.now
+    rig.d.hangup(rig.now)
+    rig.modem(b"late data")  # the far end keeps talking: discarded
+    rig.advance(1.0 + GUARD_MARGIN - 0.01)
+    assert rig.sent() == b""
+    rig.advance(0.01)
+    assert rig.sent() == b"+++"
+    assert rig.now - sent_at >= 1.0 + GUARD_MARGIN
+    rig.advance(1.2)
+    rig.modem(b"\r\nOK\r\n")
+    rig.reply(b"ATH0\r", b"\r\nOK\r\n")
+    assert rig.events()[-1] == HungUp(clean=True)
+    assert rig.d.state is State.IDLE
+
+
+def test_escape_without_reply_is_retried_then_reported_unclean() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(30.0)
+    assert rig.sent() == b"++++++"
+    assert rig.events() == [HungUp(clean=False)]
+
+
+def test_remote_hangup_during_escape_counts_as_clean() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(1.3)
+    rig.modem(b"\r\nNO CARRIER\r\n")
+    assert rig.events() == [HungUp(clean=True)]
+
+
+def test_hangup_by_dtr_drop() -> None:
+    rig = Rig(use_dtr=True)
+    rig.connect()
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.d.hangup(rig.now)  # idempotent while running
+    assert rig.events() == [SetDTR(False)]
+    rig.advance(0.5)
+    assert rig.events() == [SetDTR(True)]
+    rig.reply(b"AT\r", b"\r\nNO CARRIER\r\n\r\nOK\r\n")
+    assert rig.events() == [HungUp(clean=True)]
+
+
+def test_dtr_ignored_falls_back_to_escape() -> None:
+    rig = Rig(use_dtr=True)
+    rig.connect()
+    rig.d.hangup(rig.now)
+    rig.advance(0.5)
+    assert rig.sent() == b"AT\r"
+    rig.advance(5.0 + 1.2)
+    assert rig.sent() == b"+++"
+
+
+def test_hangup_while_dialling_aborts_the_call() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.sent()
+    rig.d.hangup(rig.now)
+    assert rig.sent() == b"\r"
+    rig.modem(b"\r\nNO CARRIER\r\n")
+    assert rig.events() == [HungUp(clean=True)]
+    assert rig.d.state is State.IDLE
+
+
+def test_hangup_when_idle_or_in_backoff_is_immediate() -> None:
+    rig = Rig()
+    rig.d.hangup(rig.now)
+    assert rig.events() == [HungUp(clean=True)]
+    rig.d.dial(rig.now)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+    rig.events()
+    rig.d.hangup(rig.now)
+    assert rig.events() == [HungUp(clean=True)]
+    assert rig.d.next_deadline() is None
+
+
+# -------------------------------------------------------------------- answer
+
+
+def test_answer_on_ring_with_ata() -> None:
+    rig = Rig()
+    rig.d.answer(rig.now)
+    rig.through_init()
+    assert rig.d.state is State.WAITING_FOR_RING
+    rig.modem(b"\r\nRING\r\n")
+    assert rig.events() == [Ringing(1)]
+    rig.reply(b"ATA\r", b"\r\nCONNECT 33600\r\n")
+    assert rig.events() == [Connected(33600, "", "CONNECT 33600")]
+
+
+def test_auto_answer_sets_s0_and_waits_for_the_modem() -> None:
+    rig = Rig(auto_answer_rings=2)
+    rig.d.answer(rig.now)
+    rig.through_init()
+    rig.reply(b"ATS0=2\r", b"\r\nOK\r\n")
+    rig.modem(b"\r\nRING\r\n\r\nRING\r\n\r\nCONNECT 28800/ARQ\r\n")
+    assert rig.events() == [Ringing(1), Ringing(2), Connected(28800, "ARQ", "CONNECT 28800/ARQ")]
+    assert rig.sent() == b""
+
+
+def test_failed_answer_goes_back_to_waiting() -> None:
+    rig = Rig(answer_timeout=30.0)
+    rig.d.answer(rig.now)
+    rig.through_init()
+    rig.modem(b"\r\nRING\r\n")
+    rig.reply(b"ATA\r", b"\r\nNO CARRIER\r\n")
+    events = rig.events()
+    assert isinstance(events[-1], CallAttemptFailed)
+    assert isinstance(events[-1].error, NoCarrier)
+    assert rig.d.state is State.WAITING_FOR_RING
+    rig.modem(b"\r\nRING\r\n")
+    assert rig.events() == [Ringing(1)]
+    assert rig.sent() == b"ATA\r"
+    rig.advance(30.0)
+    assert rig.sent() == b"\r"
+
+
+def test_statistics_count_calls_and_bytes() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.d.send_data(b"12345", rig.now)
+    stats = rig.d.statistics()
+    assert stats["calls"] == 1
+    assert stats["connects"] == 1
+    assert stats["bytes_out"] == 5
