@@ -140,6 +140,11 @@ def _other(side: str) -> str:
     return "b" if side == "a" else "a"
 
 
+#: A gap so long it never ends in practice (for probabilities so small that
+#: the geometric draw overflows a float).
+_NEVER: Final = 1 << 62
+
+
 class _Gaps:
     """Distances to the next rare event, drawn from the geometric distribution.
 
@@ -158,7 +163,11 @@ class _Gaps:
         if self._p >= 1.0:
             return 0
         u = self._rng.random()
-        return int(math.log1p(-u) / math.log1p(-self._p))
+        denominator = math.log1p(-self._p)
+        if denominator == 0.0:
+            return _NEVER
+        gap = math.log1p(-u) / denominator
+        return _NEVER if not gap < _NEVER else int(gap)
 
     def set_probability(self, p: float) -> None:
         # Memoryless: redrawing on a change is exact, not an approximation.
@@ -195,7 +204,7 @@ class _Counters:
 class _Lane:
     """One direction of the line: transmit FIFO, wire, delivery queue."""
 
-    def __init__(self, byte_time: float, rng: random.Random, imp: Impairments) -> None:
+    def __init__(self, byte_time: float, seeds: random.Random, imp: Impairments) -> None:
         self.byte_time = byte_time
         self.line_free_at = -math.inf
         # chunks waiting for / on the wire: [data, start time of data[0]]
@@ -204,8 +213,10 @@ class _Lane:
         # surviving bytes on their way to the receiver: (due time, data)
         self.rx: deque[tuple[float, bytes]] = deque()
         self.last_due = -math.inf
-        self.drops = _Gaps(rng, imp.drop)
-        self.flips = _Gaps(rng, imp.ber)
+        # A generator per process: drawing drops and flips from one stream
+        # would make the outcome depend on how the bytes were chunked.
+        self.drops = _Gaps(random.Random(seeds.getrandbits(64)), imp.drop)
+        self.flips = _Gaps(random.Random(seeds.getrandbits(64)), imp.ber)
         self.counters = _Counters()
 
     def transmit(self, data: bytes, now: float) -> None:
@@ -291,13 +302,11 @@ class LineModel:
         self.byte_time = BITS_PER_BYTE_ON_WIRE / baud
         self.fifo_bytes = max(MIN_FIFO_BYTES, math.ceil(FIFO_SECONDS / self.byte_time))
         self._imp = impairments or Impairments()
-        rng = random.Random(seed)
-        # One generator per direction, seeded from the first, so traffic in
-        # one direction does not change the fate of bytes in the other.
-        self._lanes = {
-            d: _Lane(self.byte_time, random.Random(rng.getrandbits(64)), self._imp)
-            for d in DIRECTIONS
-        }
+        # Every random process (per direction: drops, flips) has its own
+        # generator seeded from this one, so traffic in one direction does not
+        # change the fate of bytes in the other.
+        seeds = random.Random(seed)
+        self._lanes = {d: _Lane(self.byte_time, seeds, self._imp) for d in DIRECTIONS}
         self._cut = False
         self._power = {"a": True, "b": True}
         self._listening = {"a": True, "b": True}
