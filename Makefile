@@ -9,9 +9,9 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the test suite drives (each test that needs one also checks
 # for it and says which package is missing).  Installed once, as root, when a
 # package is absent; `make sysdeps` on its own does just this.
-SYS_PACKAGES := nodejs npm
+SYS_PACKAGES := nodejs npm clang lld
 
-.PHONY: demo test test-quick test-boot lint sysdeps bench clean
+.PHONY: demo test test-quick test-boot lint sysdeps bench clean wasm
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test-quick: $(STAMP)
 # The emulated Raspberry Pi boot (slow; its own target, also run by CI).
 test-boot: $(STAMP) sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider -m boot tests || test $$? -eq 5
+
+# The reference wasm service, compiled from C with clang's wasm32 target
+# (reproducible: same clang, same bytes; the tests rebuild and compare).
+wasm: sysdeps
+	$(MAKE) -C provisioning/reference/polyline-simplify
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
