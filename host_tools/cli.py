@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help).  Keep alphabetical within each group.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("provisioning.bundle_cli", "pack and inspect service bundles"),
+    "keys": ("provisioning.keys_cli", "make central and gateway keys, issue API keys"),
     "link": ("firmware.common.link.cli", "test the optical UART link (echo / test)"),
     "sim": ("host_tools.sim_cli", "simulators: the optical link, the modem"),
 }
