@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP) sysdeps lint
+test: $(STAMP) sysdeps isolator-node lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not boot"
 
 # Everyday subset: the sans-I/O cores only, seconds.
@@ -47,6 +47,17 @@ test-quick: $(STAMP)
 # The emulated Raspberry Pi boot (slow; its own target, also run by CI).
 test-boot: $(STAMP) sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider -m boot tests || test $$? -eq 5
+
+# MicroPython's WebAssembly port, so the isolator's tests run its filter core
+# under the board's interpreter too (versions pinned by package-lock.json).
+ISOLATOR_NODE := firmware/isolator/node/node_modules/.package-lock.json
+
+.PHONY: isolator-node
+isolator-node: $(ISOLATOR_NODE)
+
+$(ISOLATOR_NODE): firmware/isolator/node/package.json firmware/isolator/node/package-lock.json
+	cd firmware/isolator/node && npm ci --no-audit --no-fund
+	@touch $@
 
 # The reference wasm service, compiled from C with clang's wasm32 target
 # (reproducible: same clang, same bytes; the tests rebuild and compare).
