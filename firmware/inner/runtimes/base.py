@@ -23,6 +23,9 @@ inside them::
         │   └── MemoryLimitExceeded        ... by running out of its memory limit
         ├── ResultTooLarge                 its result exceeded ``Limits.max_result_bytes``
         └── RuntimeUnavailable             the runtime is closed or cannot start
+    LocalProtocolError
+    └── InvalidInvocation(ValueError)      the caller passed params that are not JSON-able,
+                                           or data that is not bytes (nothing was run)
 
 Only :class:`AlgorithmError` carries text from the algorithm; every other
 failure says what happened in our own words and leaks no internals (the
@@ -34,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from firmware.common.errors import OptogateError
+from firmware.common.errors import LocalProtocolError, OptogateError
 
 # A user-facing message longer than this is cut: it is shown to a caller and
 # logged, and an algorithm must not be able to push megabytes through it.
@@ -113,6 +116,10 @@ class ResultTooLarge(RuntimeFailure):
 
 class RuntimeUnavailable(RuntimeFailure):
     """The runtime is closed, not started, or cannot run this service at all."""
+
+
+class InvalidInvocation(LocalProtocolError, ValueError):
+    """The invocation is malformed (a bug in the caller); nothing was run."""
 
 
 class Runtime(Protocol):
