@@ -1,0 +1,71 @@
+"""Keys for the trust-layer tests, and a second, independent writer of the sealed format.
+
+``forge`` builds a sealed object from the byte layout in docs/wire-protocol.md
+section 4 (not from ``seal``'s internals), so tests can make objects that lie
+(a false length, a bomb, a swapped field) and still carry a valid signature.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import cbor2
+
+from firmware.common.crypto.keys import RecipientPublicKey, SigningKey
+from firmware.common.crypto.sealed import HPKE_INFO_CONTEXT, SIGNATURE_CONTEXT
+
+NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
+DAY = 86_400
+
+
+def header_fields(
+    *,
+    kind: int = 1,
+    subject: str = "dxf-convert",
+    version: int = 1,
+    created: int = NOW,
+    expires: int = NOW + DAY,
+    issuer: SigningKey,
+    recipient: RecipientPublicKey,
+    compression: int = 0,
+    payload_length: int,
+) -> list[object]:
+    """Return the 11 header fields in wire order."""
+    return [
+        1,
+        kind,
+        subject,
+        version,
+        created,
+        expires,
+        bytes.fromhex(issuer.key_id),
+        bytes.fromhex(recipient.key_id),
+        int(recipient.suite),
+        compression,
+        payload_length,
+    ]
+
+
+def forge(
+    fields: list[object],
+    body: bytes,
+    *,
+    issuer: SigningKey,
+    recipient: RecipientPublicKey,
+    info_fields: list[object] | None = None,
+) -> bytes:
+    """Return a sealed object with header ``fields`` and compressed ``body``, validly signed.
+
+    ``info_fields`` (default: ``fields``) is the header bound into HPKE, so a
+    test can make the signed header and the encryption header disagree.
+    """
+    header = cbor2.dumps(fields)
+    info = HPKE_INFO_CONTEXT + cbor2.dumps(info_fields if info_fields is not None else fields)
+    ciphertext = recipient.hpke_seal(body, info)
+    return resign(header, ciphertext, issuer)
+
+
+def resign(header: bytes, ciphertext: bytes, issuer: SigningKey) -> bytes:
+    """Return ``[header, ciphertext, signature]`` with a fresh valid signature."""
+    message = SIGNATURE_CONTEXT + struct.pack(">I", len(header)) + header + ciphertext
+    return cbor2.dumps([header, ciphertext, issuer.sign(message)])
