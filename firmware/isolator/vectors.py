@@ -9,6 +9,9 @@ A vector is one JSON line::
 
     {"out": ["hex forwarded by step 0", ...], "stats": {"a->b": {...}, "b->a": {...}}}
 
+:func:`run_pump` does the same for the board loop (pump.py) with the fake
+hardware of fakeboard.py.
+
 The tests run the same lines through this module under CPython and under
 MicroPython (the WebAssembly port, see wasmpy.py) and require equal results,
 so this file, like filtercore.py, sticks to the subset both interpreters
@@ -19,9 +22,11 @@ wire input.
 import json
 
 try:
-    from firmware.isolator import filtercore
+    from firmware.isolator import fakeboard, filtercore, pump
 except ImportError:  # on MicroPython the modules sit side by side
+    import fakeboard
     import filtercore
+    import pump
 
 
 def run_vector(line: str) -> str:
@@ -32,3 +37,47 @@ def run_vector(line: str) -> str:
     for direction, now, data in vector["steps"]:
         out.append(core.feed(direction, bytes.fromhex(data), now).hex())
     return json.dumps({"out": out, "stats": core.statistics()})
+
+
+def run_pump(line: str) -> str:
+    """Run a board vector through the pump with fake hardware; return the result line.
+
+    The vector: ``{"config": ..., "write_limit": n or null, "steps": [[now_ms,
+    "hex from outer", "hex from inner", outer_power, inner_power], ...]}``.
+    The result: per step the hex written to the inner and outer UARTs and the
+    levels of every output pin and the LED, then the watchdog feeds and the
+    pump's final status.
+    """
+    vector = json.loads(line)
+    core = filtercore.Filter(filtercore.FilterConfig(vector["config"]))
+    uarts = {
+        "outer": fakeboard.FakeUart(vector.get("write_limit")),
+        "inner": fakeboard.FakeUart(vector.get("write_limit")),
+    }
+    pins = {}
+    for name in ("outer_power_in", "inner_power_in", "inner_power_out", "outer_power_out"):
+        pins[name] = fakeboard.FakePin()
+    for name in pump.OWN_POWER:
+        pins[name] = fakeboard.FakePin()
+    wdt = fakeboard.FakeWdt()
+    led = fakeboard.FakePin()
+    box = pump.Pump(core, uarts, pins, wdt, led)
+    steps = []
+    for now, from_outer, from_inner, outer_power, inner_power in vector["steps"]:
+        uarts["outer"].inject(bytes.fromhex(from_outer))
+        uarts["inner"].inject(bytes.fromhex(from_inner))
+        pins["outer_power_in"].level = outer_power
+        pins["inner_power_in"].level = inner_power
+        box.step(now)
+        levels = {}
+        for name in sorted(pins):
+            levels[name] = pins[name].level
+        levels["led"] = led.level
+        steps.append(
+            {
+                "to_inner": uarts["inner"].take().hex(),
+                "to_outer": uarts["outer"].take().hex(),
+                "pins": levels,
+            }
+        )
+    return json.dumps({"steps": steps, "feeds": wdt.feeds, "status": box.status()})

@@ -24,7 +24,9 @@ from firmware.isolator.filtercore import A_TO_B, B_TO_A
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ISOLATOR = Path(vectors.__file__).parent
-BOARD_FILES = [ISOLATOR / "filtercore.py", ISOLATOR / "vectors.py"]
+BOARD_FILES = [
+    ISOLATOR / name for name in ("filtercore.py", "pump.py", "fakeboard.py", "vectors.py")
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,15 @@ def micropython() -> Iterator[wasmpy.MicroPythonServer]:
     if why is not None:
         pytest.fail(why)
     with wasmpy.MicroPythonServer("vectors", "run_vector", BOARD_FILES) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def micropython_pump() -> Iterator[wasmpy.MicroPythonServer]:
+    why = wasmpy.missing()
+    if why is not None:
+        pytest.fail(why)
+    with wasmpy.MicroPythonServer("vectors", "run_pump", BOARD_FILES) as server:
         yield server
 
 
@@ -121,3 +132,31 @@ def test_errors_cross_back(micropython: wasmpy.MicroPythonServer) -> None:
     # the interpreter survives a failed call
     _, mpy = both(micropython, {"config": suite.shipped_config(), "steps": []})
     assert mpy["out"] == []
+
+
+@settings(max_examples=80)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 300),
+            st.lists(frame_mix(), max_size=3).map(b"".join),
+            st.lists(frame_mix(), max_size=3).map(b"".join),
+            st.integers(0, 1),
+            st.integers(0, 1),
+        ),
+        max_size=12,
+    ),
+    write_limit=st.one_of(st.none(), st.integers(0, 500)),
+)
+def test_board_loop_agrees(
+    micropython_pump: wasmpy.MicroPythonServer,
+    steps: list[tuple[int, bytes, bytes, int, int]],
+    write_limit: int | None,
+) -> None:
+    now = 0
+    plan = []
+    for dt, from_outer, from_inner, outer_power, inner_power in steps:
+        now += dt
+        plan.append([now, from_outer.hex(), from_inner.hex(), outer_power, inner_power])
+    line = json.dumps({"config": suite.shipped_config(), "write_limit": write_limit, "steps": plan})
+    assert json.loads(micropython_pump.call(line)) == json.loads(vectors.run_pump(line))
