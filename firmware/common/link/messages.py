@@ -487,6 +487,19 @@ class LinkDigest(Message):
 MESSAGE_TYPES: Final[Mapping[Kind, type[Message]]] = _REGISTRY
 
 
+#: request kind -> the kind of its normal reply (any request may instead get Error).
+REPLY_KIND: Final[Mapping[Kind, Kind]] = {
+    Kind.FETCH_SERVICE: Kind.SERVICE,
+    Kind.SYNC: Kind.SYNC_DATA,
+    Kind.USAGE_REPORT: Kind.USAGE_ACK,
+    Kind.STATUS: Kind.STATUS_REPORT,
+    Kind.AUTH_BEGIN: Kind.AUTH_CHALLENGE,
+    Kind.AUTH_PROOF: Kind.AUTH_OK,
+    Kind.LINK_ECHO: Kind.LINK_ECHO_REPLY,
+    Kind.LINK_DATA: Kind.LINK_DIGEST,
+}
+
+
 def message_type(kind: int) -> type[Message]:
     """Return the message class for ``kind``.  Raises InvalidMessage for an unknown kind."""
     try:

@@ -67,6 +67,13 @@ def test_every_kind_has_exactly_one_message_class() -> None:
     assert {type(e) for e in EXAMPLES} == set(m.MESSAGE_TYPES.values())
 
 
+def test_every_request_has_a_reply_kind() -> None:
+    requests = {k for k, cls in m.MESSAGE_TYPES.items() if not cls.IS_REPLY}
+    assert set(m.REPLY_KIND) == requests
+    for reply in m.REPLY_KIND.values():
+        assert m.MESSAGE_TYPES[reply].IS_REPLY
+
+
 def test_reply_flag_follows_the_kind_ranges() -> None:
     for kind, cls in m.MESSAGE_TYPES.items():
         if kind in range(0x01, 0x40):
