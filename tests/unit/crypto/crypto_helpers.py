@@ -7,12 +7,20 @@ section 4 (not from ``seal``'s internals), so tests can make objects that lie
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import cbor2
 
+from firmware.common.crypto.freshness import ObjectRef, SyncMetadata
 from firmware.common.crypto.keys import RecipientPublicKey, SigningKey
-from firmware.common.crypto.sealed import HPKE_INFO_CONTEXT, SIGNATURE_CONTEXT
+from firmware.common.crypto.sealed import (
+    HPKE_INFO_CONTEXT,
+    SIGNATURE_CONTEXT,
+    Kind,
+    seal,
+    verify_sealed,
+)
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 DAY = 86_400
@@ -69,3 +77,52 @@ def resign(header: bytes, ciphertext: bytes, issuer: SigningKey) -> bytes:
     """Return ``[header, ciphertext, signature]`` with a fresh valid signature."""
     message = SIGNATURE_CONTEXT + struct.pack(">I", len(header)) + header + ciphertext
     return cbor2.dumps([header, ciphertext, issuer.sign(message)])
+
+
+class Publisher:
+    """Central in miniature: seals objects and the sync metadata listing them."""
+
+    def __init__(self, central: SigningKey, recipient: RecipientPublicKey, gateway: str) -> None:
+        self.central = central
+        self.recipient = recipient
+        self.gateway = gateway
+        self.meta_version = 0
+
+    def object(
+        self,
+        kind: Kind,
+        subject: str,
+        version: int,
+        payload: bytes,
+        *,
+        created: int = NOW,
+        expires: int = NOW + 3650 * DAY,
+    ) -> bytes:
+        return seal(
+            payload,
+            kind=kind,
+            subject=subject,
+            version=version,
+            created=created,
+            expires=expires,
+            issuer=self.central,
+            recipient=self.recipient,
+        )
+
+    def metadata(self, objects: list[bytes], *, created: int, lifetime: int = 7 * DAY) -> bytes:
+        """Return the next sync metadata version listing exactly ``objects``."""
+        refs = []
+        for data in objects:
+            h = verify_sealed(data, self.central.public)
+            refs.append(ObjectRef(h.kind, h.subject, h.version, hashlib.sha256(data).digest()))
+        self.meta_version += 1
+        return seal(
+            SyncMetadata(self.gateway, tuple(refs)).to_payload(),
+            kind=Kind.SYNC_METADATA,
+            subject=self.gateway,
+            version=self.meta_version,
+            created=created,
+            expires=created + lifetime,
+            issuer=self.central,
+            recipient=self.recipient,
+        )
