@@ -156,6 +156,15 @@ class PythonRuntimeConfig:
 
 
 @dataclass(frozen=True)
+class WorkerInfo:
+    """One live worker: its PID, the uid it runs as, whether it has no network."""
+
+    pid: int
+    uid: int | None
+    netns: bool
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What one reply from a worker means: an outcome or a failure, and the worker's fate.
 
@@ -416,9 +425,16 @@ class PythonRuntime:
         """Return counters: calls, ok, errors, crashes, timeouts, too_large, spawned, alive."""
         return {**self._stats, "alive": len(self._live)}
 
-    def worker_pids(self) -> list[int]:
-        """Return the PIDs of the live worker processes (for status and tests)."""
-        return sorted(w.pid for w in self._live)
+    def workers(self) -> list[WorkerInfo]:
+        """Return what is known of each live, started worker (for status and tests)."""
+        return sorted(
+            (
+                WorkerInfo(w.pid, w.facts.get("uid"), bool(w.facts.get("netns")))
+                for w in self._live
+                if w.facts
+            ),
+            key=lambda info: info.pid,
+        )
 
     # ---------------------------------------------------------------- the pool
 
