@@ -156,7 +156,8 @@ def test_other_exceptions_memory_and_bad_results_are_crashes() -> None:
     assert "KeyError" in header["detail"]
     assert _call(starve)[0]["kind"] == "memory"
     assert _call(leave)[0]["kind"] == "exception"
-    for bad in ([1], ({}, "text"), ({}, b"", b""), {"v": {1}}, {"v": float("inf")}, None):
+    bad_results: list[Any] = [[1], ({}, "text"), ({}, b"", b""), {"v": {1}}, {"v": float("inf")}]
+    for bad in [*bad_results, None]:
         header, _ = _call(lambda p, d, bad=bad: bad)
         assert (header["t"], header["kind"]) == ("crash", "bad_result"), bad
 
