@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("provisioning.bundle_cli", "pack and inspect service bundles"),
     "keys": ("provisioning.keys_cli", "make central and gateway keys, issue API keys"),
+    "isolator": ("firmware.isolator.cli", "flash / status of the optical isolation module"),
     "link": ("firmware.common.link.cli", "test the optical UART link (echo / test)"),
     "sim": ("host_tools.sim_cli", "simulators: the optical link, the modem"),
 }
