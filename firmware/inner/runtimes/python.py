@@ -196,7 +196,10 @@ def interpret_reply(
         result = header.get("result")
         if not isinstance(result, dict):
             return _crashed("protocol violation: result is not an object")
-        size = len(pyworker.encode_json(result)) + len(data)
+        try:
+            size = len(pyworker.encode_json(result)) + len(data)
+        except (TypeError, ValueError, RecursionError):
+            return _crashed("protocol violation: result is not JSON-able")
         if size > limits.max_result_bytes:
             failure = ResultTooLarge(_too_large_text(size, limits))
             return Verdict(None, failure, False, "worker sent an oversized result")
@@ -473,6 +476,15 @@ class PythonRuntime:
             self._drained.set()
 
     async def _ensure_worker(self, slot: _Slot) -> _Worker:
+        if slot.worker is not None and slot.worker.process.returncode is not None:
+            # Died while idle (the OOM killer, a thread the algorithm left behind):
+            # replace it rather than fail an innocent call.
+            log.warning("worker_died_idle service=%s pid=%d", self._name, slot.worker.pid)
+            old, slot.worker = slot.worker, None
+            slot.pending = asyncio.create_task(self._replace(old))
+        if slot.worker is None and slot.pending is None:
+            # Through the slot, so a concurrent start() sees a spawn in progress.
+            slot.pending = asyncio.create_task(self._spawn())
         task = slot.pending
         if task is not None:
             try:
@@ -485,7 +497,7 @@ class PythonRuntime:
                 slot.pending = None
                 slot.worker = worker
         if slot.worker is None:
-            slot.worker = await self._spawn()
+            raise RuntimeUnavailable("no worker could be started")
         return slot.worker
 
     async def _replace(self, old: _Worker) -> _Worker:

@@ -55,8 +55,9 @@ user, possibly root, and applies everything before importing the bundle):
    user, and a check that root cannot be regained.  The process also becomes
    non-dumpable, so other workers running as the same user cannot ptrace it.
 4. ``PR_SET_NO_NEW_PRIVS`` (no set-uid escalation through exec) and
-   ``PR_SET_PDEATHSIG`` = SIGKILL (the worker dies with the daemon), then a
-   check that the parent is still the daemon.
+   ``PR_SET_PDEATHSIG`` = SIGKILL (the worker dies with the daemon; precisely,
+   with the daemon thread that started it, the event loop's), then a check
+   that the parent is still the daemon.
 5. RLIMIT_AS = the manifest's memory limit; per call, RLIMIT_CPU's soft limit
    = CPU used so far + the call's timeout + a grace: a backstop should the
    daemon fail to kill a runaway call (the daemon's wall-clock timeout is the
@@ -92,8 +93,9 @@ MAX_INBOUND_FRAME = 1 << 30
 ENVELOPE_BYTES = 64 * 1024
 
 # Operator-facing tracebacks are cut to this many characters: enough for a
-# deep stack, not enough to flood the log or the pipe.
-MAX_DETAIL_CHARS = 16 * 1024
+# deep stack, not enough to flood the log.  Even if every character needed a
+# six-byte JSON escape, a detail fits in ENVELOPE_BYTES.
+MAX_DETAIL_CHARS = 8 * 1024
 
 # Bytes read from the socket per recv: large enough that a few MB of input
 # arrive in tens of calls, small enough to stay out of the memory limit.
@@ -133,6 +135,10 @@ def encode_message(header: dict[str, Any], data: bytes = b"") -> tuple[bytes, by
     Raises TypeError or ValueError if the header is not JSON-able.
     """
     return encode_frame(encode_json(header), data)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class FrameDecoder:
@@ -185,7 +191,7 @@ class FrameDecoder:
         self._need = None
         self._check_prefix()
         try:
-            header = json.loads(raw_header)
+            header = json.loads(raw_header, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as e:
             raise FrameError(f"header is not JSON: {e}") from None
         if not isinstance(header, dict) or not isinstance(header.get("t"), str):

@@ -405,7 +405,7 @@ async def test_eight_concurrent_calls_on_two_workers_complete_in_arrival_order(
     runtime = make_runtime(pool_size=2)
     await runtime.start()
     calls = [
-        runtime.invoke(Invocation({"mode": "sleep", "seconds": 0.1, "i": i}, b"")) for i in range(8)
+        runtime.invoke(Invocation({"mode": "sleep", "seconds": 0.2, "i": i}, b"")) for i in range(8)
     ]
     outcomes = await asyncio.gather(*calls)
     assert [o.result["i"] for o in outcomes] == list(range(8))

@@ -83,7 +83,17 @@ def test_oversized_frame_is_refused_from_its_prefix_alone() -> None:
     assert ok.next_message() is None
 
 
-@pytest.mark.parametrize("header", [b"not json", b"[1, 2]", b'{"no_type": 1}', b'{"t": 5}'])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"no_type": 1}',
+        b'{"t": 5}',
+        b'{"t": "ok", "v": NaN}',
+        b"[" * 100_000,
+    ],
+)
 def test_header_must_be_a_json_object_with_a_type(header: bytes) -> None:
     decoder = FrameDecoder(1 << 20)
     decoder.receive_bytes(struct.pack(">II", len(header), 0) + header)
