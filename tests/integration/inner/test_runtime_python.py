@@ -297,6 +297,22 @@ async def test_algorithm_killing_itself_is_a_crash_and_is_replaced(
     assert runtime.statistics()["crashes"] == 1
 
 
+@pytest.mark.timeout(30)
+async def test_worker_killed_while_idle_is_replaced_before_the_next_call(
+    make_runtime: RuntimeFactory,
+) -> None:
+    runtime = make_runtime(pool_size=1)
+    pid = await _echo_pid(runtime)
+    os.kill(pid, 9)  # as the kernel's OOM killer would
+    for _ in range(200):
+        if not _alive(pid):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # let the event loop learn of the exit
+    assert await _echo_pid(runtime) != pid
+    assert runtime.statistics()["crashes"] == 0
+
+
 # --------------------------------------------------------------------- sandbox
 
 
