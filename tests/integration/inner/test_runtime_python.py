@@ -100,6 +100,8 @@ def run(params, data):
         except OSError as e:
             return {"written": False, "error": type(e).__name__}
         return {"written": True}
+    if mode == "surroundings":
+        return {"env": dict(os.environ), "cwd": os.getcwd(), "listing": os.listdir(".")}
     if mode == "print":
         print("note for the operator")
         return {}
@@ -157,8 +159,12 @@ async def make_runtime(service_dir: Path) -> AsyncIterator[RuntimeFactory]:
         await runtime.aclose()
 
 
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
 def _alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+    return _exists(f"/proc/{pid}")
 
 
 async def _echo_pid(runtime: PythonRuntime) -> int:
@@ -351,6 +357,23 @@ async def test_worker_cannot_write_files(make_runtime: RuntimeFactory) -> None:
     runtime = make_runtime(pool_size=1)
     outcome = await runtime.invoke(Invocation({"mode": "write"}, b""))
     assert outcome.result["written"] is False
+
+
+@pytest.mark.timeout(30)
+async def test_worker_gets_a_clean_environment_and_an_empty_directory(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch, service_dir: Path
+) -> None:
+    monkeypatch.setenv("OPTOGATE_DAEMON_SECRET", "hunter2")
+    runtime = make_runtime(pool_size=1)
+    outcome = await runtime.invoke(Invocation({"mode": "surroundings"}, b""))
+    env = outcome.result["env"]
+    assert "OPTOGATE_DAEMON_SECRET" not in env
+    assert set(env) <= {"PATH", "LC_ALL", "MALLOC_ARENA_MAX", "HOME"}
+    assert outcome.result["listing"] == []
+    assert Path(outcome.result["cwd"]) != service_dir
+    cwd = outcome.result["cwd"]
+    await runtime.aclose()
+    assert not _exists(cwd)
 
 
 @pytest.mark.timeout(30)
