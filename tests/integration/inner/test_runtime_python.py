@@ -100,6 +100,20 @@ def run(params, data):
         except OSError as e:
             return {"written": False, "error": type(e).__name__}
         return {"written": True}
+    if mode == "cpu_backstop":
+        import resource
+
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        spent = int(used.ru_utime + used.ru_stime)
+        resource.setrlimit(resource.RLIMIT_CPU, (spent + 1, resource.RLIM_INFINITY))
+        while True:
+            pass
+    if mode == "fork":
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        return {"child": child}
     if mode == "surroundings":
         return {"env": dict(os.environ), "cwd": os.getcwd(), "listing": os.listdir(".")}
     if mode == "print":
@@ -317,6 +331,38 @@ async def test_worker_killed_while_idle_is_replaced_before_the_next_call(
     await asyncio.sleep(0.1)  # let the event loop learn of the exit
     assert await _echo_pid(runtime) != pid
     assert runtime.statistics()["crashes"] == 0
+
+
+@pytest.mark.timeout(30)
+async def test_cpu_limit_backstop_reads_as_a_timeout(make_runtime: RuntimeFactory) -> None:
+    # The algorithm tightens its own RLIMIT_CPU so that the backstop, not the
+    # daemon's wall-clock timer, ends it.
+    runtime = make_runtime(Limits(timeout_s=20.0, memory_mb=256, max_result_bytes=1000))
+    with pytest.raises(AlgorithmTimeout):
+        await runtime.invoke(Invocation({"mode": "cpu_backstop"}, b""))
+    await _echo_pid(runtime)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(30)
+async def test_timeout_kills_what_the_algorithm_forked(make_runtime: RuntimeFactory) -> None:
+    runtime = make_runtime(Limits(timeout_s=0.5, memory_mb=256, max_result_bytes=1000), pool_size=1)
+    child = (await runtime.invoke(Invocation({"mode": "fork"}, b""))).result["child"]
+    assert _running(child)
+    with pytest.raises(AlgorithmTimeout):
+        await runtime.invoke(Invocation({"mode": "loop"}, b""))
+    for _ in range(200):
+        if not _running(child):
+            break
+        await asyncio.sleep(0.01)
+    assert not _running(child)
 
 
 # --------------------------------------------------------------------- sandbox
