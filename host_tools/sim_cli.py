@@ -12,6 +12,7 @@ import importlib
 # name -> (module, one-line help)
 SIMULATORS: dict[str, tuple[str, str]] = {
     "link": ("host_tools.sim.link", "two ptys joined like the optocoupled UART"),
+    "modem": ("host_tools.sim.modem", "a Hayes modem on a pty; calls are TCP connections"),
 }
 
 
