@@ -333,7 +333,11 @@ class Session:
             self._last_tx + self.config.keepalive_interval,
             self._last_rx + self.config.dead_after,
         ]
-        timers = [o.rto_at for o in self._outstanding.values() if not o.sacked]
+        timers = [
+            o.rto_at
+            for seq, o in self._outstanding.items()
+            if not o.sacked and seq not in self._rtx  # queued ones wait for the line
+        ]
         if timers:
             times.append(min(timers))
         if self._has_sendable():
@@ -454,7 +458,7 @@ class Session:
             self._count("dropped_stale")  # answers a HELLO of an older session of ours
             return
         if frame.session != self._peer_token:
-            if self._peer_token or self._up:
+            if self._up:
                 # The peer started a new session: ours is lost on its side.
                 error: LinkDown = (
                     PeerRestarted("peer restarted (new boot epoch)")
@@ -462,6 +466,12 @@ class Session:
                     else LinkDown("peer reset the link session")
                 )
                 self._teardown(error, now)
+            elif self._peer_token:
+                # Half-open handshake: nothing was sent under our token, so
+                # keep it and just bind the newer peer token.  (Regenerating
+                # ours here would make two restarting sides chase each other.)
+                self._count("handshake_rebinds")
+                self._peer_knows_us = False
             self._peer_epoch_before = self._peer_epoch
             self._peer_token = frame.session
             self._peer_epoch = epoch
