@@ -617,3 +617,20 @@ async def test_load_runtime_picks_the_python_runtime(service_dir: Path) -> None:
         load_runtime("cobol", service_dir, "algo:run", LIMITS)
     with pytest.raises(ConfigError):
         load_runtime("wasm", service_dir, "../../etc/passwd", LIMITS)
+
+
+@pytest.mark.timeout(30)
+async def test_load_runtime_hands_wasm_modules_to_the_wasm_runtime(service_dir: Path) -> None:
+    from firmware.inner.runtimes.wasm import WasmRuntime
+
+    # The smallest valid module: magic and version, no exports.
+    (service_dir / "empty.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    runtime = load_runtime("wasm", service_dir, "empty.wasm", LIMITS)
+    try:
+        assert isinstance(runtime, WasmRuntime)
+        with pytest.raises(RuntimeUnavailable):
+            await runtime.start()  # loads, but lacks the ABI's exports
+    finally:
+        await runtime.aclose()
+    with pytest.raises(ConfigError):
+        load_runtime("wasm", service_dir, "absent.wasm", LIMITS)
