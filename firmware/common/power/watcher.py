@@ -59,10 +59,17 @@ class PowerWatcher:
         """Which signals are really sensed (False: assumed asserted)."""
         return dict(self._sensing)
 
-    async def run(self, on_event: Callable[[PowerEvent], None]) -> None:
+    async def run(
+        self,
+        on_event: Callable[[PowerEvent], None],
+        on_ready: Callable[[PowerMonitor], None] | None = None,
+    ) -> None:
         """Report power events to ``on_event`` until cancelled.
 
-        Raises whatever ``on_event`` raises (the watch stops then).
+        ``on_ready`` is called once with the monitor when the inputs are
+        configured and their initial levels read (the initial state produces
+        no event).  Raises whatever a callback raises (the watch stops then),
+        and ConfigError if a pin cannot be configured.
         """
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[None] = loop.create_future()
@@ -121,6 +128,8 @@ class PowerWatcher:
             now=self._clock(),
         )
         try:
+            if on_ready is not None:
+                on_ready(self._monitor)
             await failed
         finally:
             for line in lines.values():
