@@ -29,6 +29,7 @@ attack                                 answer
 wind the wall clock back               never read; no effect
 wind the wall clock far forward        never read; no effect
 reboot to reset the clock              persisted high-water mark
+replay old metadata to a fresh box     ``floor``: the provisioning time
 replay old signed time (old metadata)  ignored: time only moves forward
 cut power and keep it off for months   powered-off time is not counted (no
                                        RTC) - the box does not work while
@@ -120,12 +121,17 @@ class TrustedClock:
     """The sans-I/O trusted clock.  All times are integer Unix seconds; ``mono`` is float seconds.
 
     Construct one per process with the persisted state (or None on first
-    boot), this boot's id and the monotonic clock now.
+    boot), this boot's id and the monotonic clock now.  ``floor`` is a time
+    the gateway is known to be past: its provisioning time (``created`` in
+    gateway.json).  Without it, a factory-fresh inner module would start at
+    0 and take the first signed time it sees, however old, as "now".
     """
 
-    def __init__(self, state: TimeState | None, *, boot_id: str, mono: float) -> None:
+    def __init__(
+        self, state: TimeState | None, *, boot_id: str, mono: float, floor: int = 0
+    ) -> None:
         self._boot_id = boot_id
-        self._high_water = 0 if state is None else state.high_water
+        self._high_water = max(floor, 0 if state is None else state.high_water)
         self._persisted = self._high_water
         self._anchor_time: int
         self._anchor_mono: float

@@ -1,0 +1,190 @@
+"""The inner module's trust state: the one object the daemon asks "may this call run?".
+
+It composes the pure pieces and persists their state in one directory:
+
+* :class:`~firmware.common.crypto.freshness.SyncVerifier` opens what central
+  sends and enforces rollback, freeze and mix-and-match protection;
+* :class:`~firmware.inner.trusted_time.TrustedClock` gives trusted time;
+* :func:`~firmware.common.licence.evaluate` makes the licence decision.
+
+Files under ``state_dir`` (all written atomically, mode 0600)::
+
+    versions.json           highest accepted version of every object and licence
+    time.json               trusted-time high-water mark and anchor
+    sync-metadata.sealed    the last accepted sync metadata, as received
+    licences.sealed         the last accepted licence set, as received
+
+On start the stored sealed objects are opened again (signature, recipient,
+expiry and version all re-checked), so a tampered file is simply ignored and
+an expired one leaves the gateway answering :class:`SyncRequired` until it
+reaches central.  The registry is never reset: a corrupt one raises
+``RegistryCorrupt`` and the daemon must stop.
+
+Ordering: an object is written before the registry that records it, and the
+registry before the object is used, so a power cut at any instant can lose
+an update but never let an older object back in.
+
+This is a thin adapter: the only I/O is reading and atomically writing the
+files above.  Time comes in as ``mono`` (the caller's monotonic clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from firmware.common.crypto.errors import InvalidObject, StaleMetadata
+from firmware.common.crypto.freshness import SyncVerifier, load_registry, save_registry
+from firmware.common.crypto.keys import RecipientKey, VerifyKey
+from firmware.common.crypto.sealed import Kind, Opened
+from firmware.common.licence import Decision, LicenceSet, evaluate
+from firmware.common.store.atomic import atomic_write
+from firmware.inner.trusted_time import TrustedClock, TrustedTimeStore
+
+REGISTRY_FILE = "versions.json"
+TIME_FILE = "time.json"
+METADATA_FILE = "sync-metadata.sealed"
+LICENCES_FILE = "licences.sealed"
+
+
+@dataclass(frozen=True)
+class SyncRequired:
+    """No fresh sync metadata or no licence set: the gateway must reach central first."""
+
+    reason: str
+    status: ClassVar[int] = 503
+
+
+class GatewayTrust:
+    """Trust state of one inner module, persisted under ``state_dir``.
+
+    Construct once per process.  Raises RegistryCorrupt or
+    TrustedTimeCorrupt if persisted state is unreadable (never resets it).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        recipient: RecipientKey,
+        central: VerifyKey,
+        gateway: str,
+        boot_id: str,
+        mono: float,
+        floor: int = 0,
+    ) -> None:
+        self._dir = Path(state_dir)
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._time_store = TrustedTimeStore(self._dir / TIME_FILE)
+        self._clock = TrustedClock(self._time_store.load(), boot_id=boot_id, mono=mono, floor=floor)
+        self._verifier = SyncVerifier(
+            recipient=recipient,
+            central=central,
+            gateway=gateway,
+            registry=load_registry(self._dir / REGISTRY_FILE),
+        )
+        self._licences: LicenceSet | None = None
+        self._readopt(mono)
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return (self._dir / name).read_bytes()
+        except OSError:
+            return None
+
+    def _readopt(self, mono: float) -> None:
+        """Open the stored metadata and licence set again; ignore what no longer opens."""
+        now = self._clock.now(mono)
+        meta = self._read(METADATA_FILE)
+        if meta is None:
+            return
+        try:
+            self._verifier.accept_sync_metadata(meta, now)
+        except InvalidObject:  # expired, rolled back, tampered: wait for central
+            return
+        lics = self._read(LICENCES_FILE)
+        if lics is not None:
+            try:
+                self._licences = self._verifier.accept_licence_set(lics, now)
+            except (InvalidObject, StaleMetadata):
+                self._licences = None
+
+    @property
+    def licences(self) -> LicenceSet | None:
+        """The licence set in force, or None before the first one arrives."""
+        return self._licences
+
+    @property
+    def verifier(self) -> SyncVerifier:
+        """The underlying verifier (for status and tests)."""
+        return self._verifier
+
+    def now(self, mono: float) -> int:
+        """Return trusted time (Unix seconds) at monotonic reading ``mono``."""
+        return self._clock.now(mono)
+
+    def tick(self, mono: float) -> None:
+        """Persist trusted time if it moved enough since last time; raise StorageError."""
+        if self._clock.should_persist(mono):
+            self._time_store.save(self._clock.state(mono))
+
+    def receive_sync_metadata(self, data: bytes, mono: float) -> Opened:
+        """Adopt new sync metadata and central's signed time; persist both; return it opened.
+
+        Raises InvalidObject, ExpiredObject, RollbackError (state unchanged)
+        or StorageError (accepted in memory, not on disk).
+        """
+        opened = self._verifier.accept_sync_metadata(data, self._clock.now(mono))
+        atomic_write(self._dir / METADATA_FILE, bytes(data))
+        save_registry(self._dir / REGISTRY_FILE, self._verifier.registry)
+        self._clock.observe_signed_time(opened.header.created, mono)
+        self._time_store.save(self._clock.state(mono))
+        return opened
+
+    def receive_licence_set(self, data: bytes, mono: float) -> LicenceSet:
+        """Adopt a new licence set listed by the current metadata; persist it; return it.
+
+        Raises StaleMetadata, InvalidObject, ExpiredObject, RollbackError
+        (state unchanged) or StorageError.
+        """
+        licences = self._verifier.accept_licence_set(data, self._clock.now(mono))
+        atomic_write(self._dir / LICENCES_FILE, bytes(data))
+        save_registry(self._dir / REGISTRY_FILE, self._verifier.registry)
+        self._licences = licences
+        return licences
+
+    def receive_bundle(self, data: bytes, service: str, mono: float) -> Opened:
+        """Open a bundle listed by the current metadata; record its version; return it.
+
+        The caller stores the bundle.  Raises StaleMetadata, InvalidObject,
+        ExpiredObject, RollbackError (state unchanged) or StorageError.
+        """
+        opened = self._verifier.accept_object(data, Kind.BUNDLE, service, self._clock.now(mono))
+        save_registry(self._dir / REGISTRY_FILE, self._verifier.registry)
+        return opened
+
+    def decide(
+        self,
+        *,
+        service: str,
+        mono: float,
+        api_key: str | None = None,
+        key_hash: str | None = None,
+    ) -> Decision | SyncRequired:
+        """Return the licence decision for a call at ``mono`` (never raises).
+
+        :class:`SyncRequired` (503) when the sync metadata has expired (a
+        frozen or unreachable upstream) or no licence set has arrived yet;
+        otherwise :func:`~firmware.common.licence.evaluate`'s answer.
+        """
+        now = self._clock.now(mono)
+        try:
+            self._verifier.require_fresh(now)
+        except StaleMetadata as e:
+            return SyncRequired(str(e))
+        if self._licences is None:
+            return SyncRequired("no licence set received yet")
+        return evaluate(
+            self._licences, service=service, now=now, api_key=api_key, key_hash=key_hash
+        )
