@@ -13,6 +13,8 @@
                      tls.key/tls.crt (LAN API, P-256), tls-ca.crt, central.pub
         DIR/outer/   signing.key/.pub (Ed25519, authenticates to central), central.pub
         DIR/ca/      ca.key/ca.crt: the gateway's own TLS CA; keep it off both modules
+        DIR/inner/identity.json, DIR/outer/identity.json   name, key ids, and (inner)
+                     the provisioning time: the floor of the inner module's trusted time
         DIR/gateway.json   ids and public keys, read by central's `gateway register`
 
     optogate keys id FILE        print the key id of a key file
@@ -138,6 +140,8 @@ def make_gateway(
         "outer_central": outer / "central.pub",
         "ca_key": ca_dir / "ca.key",
         "ca_crt": ca_dir / "ca.crt",
+        "inner_identity": inner / "identity.json",
+        "outer_identity": outer / "identity.json",
         "gateway": out / "gateway.json",
     }
     _check_free(list(files.values()), force)
@@ -166,10 +170,32 @@ def make_gateway(
     atomic_write(files["ca_key"], ca.key_pem, PRIVATE_MODE)
     atomic_write(files["ca_crt"], ca.cert_pem, PUBLIC_MODE)
 
+    provisioned_at = int(when.timestamp())
+    _write_json(
+        files["inner_identity"],
+        {
+            "format": GATEWAY_FORMAT,
+            "gateway": name,
+            "provisioned_at": provisioned_at,
+            "central_key_id": central.key_id,
+            "hpke_key_id": hpke_key.key_id,
+            "signing_key_id": inner_sign.key_id,
+        },
+    )
+    _write_json(
+        files["outer_identity"],
+        {
+            "format": GATEWAY_FORMAT,
+            "gateway": name,
+            "central_key_id": central.key_id,
+            "signing_key_id": outer_sign.key_id,
+        },
+    )
     description: dict[str, object] = {
         "format": GATEWAY_FORMAT,
         "gateway": name,
         "created": when.replace(microsecond=0).isoformat(),
+        "provisioned_at": provisioned_at,
         "central_key_id": central.key_id,
         "inner": {
             "hpke": {
@@ -190,8 +216,12 @@ def make_gateway(
             "signing": {"key_id": outer_sign.key_id, "public": _b64(outer_sign.public.raw)},
         },
     }
-    atomic_write(files["gateway"], json.dumps(description, indent=2).encode() + b"\n", PUBLIC_MODE)
+    _write_json(files["gateway"], description)
     return description
+
+
+def _write_json(path: Path, doc: dict[str, object]) -> None:
+    atomic_write(path, json.dumps(doc, indent=2).encode() + b"\n", PUBLIC_MODE)
 
 
 def key_id_of_file(path: Path) -> str:

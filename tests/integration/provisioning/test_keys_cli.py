@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,12 @@ def test_gateway_end_to_end(central_dir: Path, tmp_path: Path, pq: bool) -> None
     ]
     for p in private:
         assert mode(p) == 0o600, p
-    assert sorted(p.name for p in outer.iterdir()) == ["central.pub", "signing.key", "signing.pub"]
+    assert sorted(p.name for p in outer.iterdir()) == [
+        "central.pub",
+        "identity.json",
+        "signing.key",
+        "signing.pub",
+    ]
 
     # Nothing secret of the inner module (or the CA) is under outer/.
     inner_secrets = [p.read_bytes() for p in (*private[:3], ca / "ca.key")]
@@ -93,6 +99,14 @@ def test_gateway_end_to_end(central_dir: Path, tmp_path: Path, pq: bool) -> None
     assert desc["inner"]["signing"]["key_id"] == SigningKey.load(inner / "signing.key").key_id
     assert desc["outer"]["signing"]["key_id"] == SigningKey.load(outer / "signing.key").key_id
     assert RecipientPublicKey.load(inner / "hpke.pub") == hpke.public
+    identity = json.loads((inner / "identity.json").read_text())
+    assert identity["gateway"] == "gw-7"
+    assert identity["hpke_key_id"] == hpke.key_id
+    assert identity["provisioned_at"] == desc["provisioned_at"]
+    assert abs(identity["provisioned_at"] - time.time()) < 600
+    outer_identity = json.loads((outer / "identity.json").read_text())
+    assert outer_identity["signing_key_id"] == desc["outer"]["signing"]["key_id"]
+    assert "hpke_key_id" not in outer_identity
 
     # Central, reading only gateway.json, can seal to the inner module.
     pub = RecipientPublicKey.from_raw(base64.b64decode(desc["inner"]["hpke"]["public"]))
