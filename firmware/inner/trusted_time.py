@@ -107,7 +107,7 @@ class TimeState:
                 raise ValueError("anchor")
             if am is not None and not math.isfinite(am):
                 raise ValueError("anchor_mono")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise TrustedTimeCorrupt("trusted time state is corrupt") from e
         return cls(
             high_water=hw,

@@ -139,7 +139,7 @@ class VersionRegistry:
                 if type(version) is not int or version < 0:
                     raise ValueError("version")
                 entries[str(name)] = (version, None if digest is None else bytes.fromhex(digest))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise RegistryCorrupt("version registry is corrupt") from e
         return cls(entries)
 

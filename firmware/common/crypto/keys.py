@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Self
 
 from cryptography.exceptions import InvalidSignature as _HazmatInvalidSignature
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
@@ -156,19 +156,15 @@ def _pem_unarmour(data: bytes, label: str, what: str) -> bytes:
 def _load_pem_private(data: bytes, what: str) -> object:
     try:
         return serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise KeyFileError(f"not {what}: {e}") from e
-    except Exception as e:  # cryptography raises UnsupportedAlgorithm for foreign keys
-        raise KeyFileError(f"not {what}: {type(e).__name__}") from e
 
 
 def _load_pem_public(data: bytes, what: str) -> object:
     try:
         return serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise KeyFileError(f"not {what}: {e}") from e
-    except Exception as e:  # UnsupportedAlgorithm and friends
-        raise KeyFileError(f"not {what}: {type(e).__name__}") from e
 
 
 # --------------------------------------------------------------------------- signing

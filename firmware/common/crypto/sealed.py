@@ -47,7 +47,12 @@ from dataclasses import dataclass
 
 import cbor2
 
-from firmware.common.crypto.errors import ExpiredObject, InvalidObject, RollbackError
+from firmware.common.crypto.errors import (
+    ExpiredObject,
+    InvalidObject,
+    InvalidSignature,
+    RollbackError,
+)
 from firmware.common.crypto.keys import (
     ED25519_SIGNATURE_BYTES,
     KEY_ID_BYTES,
@@ -307,7 +312,7 @@ def _split_and_verify(data: bytes, issuer: VerifyKey) -> tuple[Header, bytes, by
         raise _invalid()
     try:
         issuer.verify(signature, _signed_message(header_bytes, ciphertext))
-    except Exception as e:  # InvalidSignature: stay vague
+    except InvalidSignature as e:  # stay vague
         raise _invalid() from e
     header = _decode_header(header_bytes)
     if header.issuer != issuer.key_id:

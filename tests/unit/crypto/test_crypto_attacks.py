@@ -332,3 +332,12 @@ def test_sync_metadata_rejects_duplicates_and_bad_digests() -> None:
         doc = {"format": 1, "gateway": GW, "objects": objects}
         with pytest.raises(InvalidObject):
             SyncMetadata.from_payload(cbor2.dumps(doc, canonical=True))
+
+
+@given(st.binary(max_size=300) | st.just(b"[" * 100_000))
+def test_registry_parser_is_total(data: bytes) -> None:
+    try:
+        reg = VersionRegistry.from_json(data)
+    except RegistryCorrupt:
+        return
+    assert all(v >= 0 for v, _ in reg.entries().values())

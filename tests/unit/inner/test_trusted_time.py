@@ -216,3 +216,12 @@ def test_property_monotone_and_at_least_signed(events: list[tuple[str, float]]) 
         assert now >= persisted.high_water
         last = now
         persisted = clock.state(mono)
+
+
+@given(st.binary(max_size=300) | st.just(b"[" * 100_000) | st.just(b'{"a":' * 50_000))
+def test_state_parser_is_total(data: bytes) -> None:
+    try:
+        state = TimeState.from_json(data)
+    except TrustedTimeCorrupt:
+        return
+    assert state.high_water >= 0
