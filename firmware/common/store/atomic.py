@@ -38,7 +38,14 @@ def atomic_write(path: Path | str, data: bytes, mode: int = PRIVATE_MODE) -> Non
     """Replace ``path`` with ``data`` atomically and durably, with file ``mode``.
 
     Raises StorageError (an OSError) when the write fails, for example on a
-    full disk; the previous content of ``path`` is then intact.
+    full disk; the previous content of ``path`` is then intact.  The one
+    exception is a failure of the final directory fsync: the rename has then
+    happened, so ``path`` already shows the new content, but the error is
+    still raised because a power cut could undo it.
+
+    The temporary file is ``.<name>.<pid>.tmp`` beside ``path``; a process
+    killed mid-write leaves it behind, and the owner of ``path`` may remove
+    it (``firmware.common.store.tinystore.Store`` does on open).
     """
     target = Path(path)
     directory = target.parent
