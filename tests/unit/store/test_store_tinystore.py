@@ -31,7 +31,9 @@ class FullDisk:
 
     It really writes (through ``atomic_write``) while the data fits, and fails
     with ENOSPC - leaving the target untouched, as the real one does - once it
-    does not.
+    does not.  It does not model a disk that fills part-way through a write,
+    the old file's space counting against the new one, or fsync failures;
+    the tmpfs test in tests/integration/store covers a really full disk.
     """
 
     def __init__(self, room: int) -> None:
