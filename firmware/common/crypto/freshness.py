@@ -38,6 +38,7 @@ read and atomically replace one small JSON file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ import cbor2
 
 from firmware.common.crypto.errors import InvalidObject, RollbackError, StaleMetadata
 from firmware.common.crypto.keys import RecipientKey, VerifyKey
-from firmware.common.crypto.sealed import Kind, Opened, open_sealed
+from firmware.common.crypto.sealed import Kind, Opened, open_sealed, verify_sealed
 from firmware.common.errors import CryptoError
 from firmware.common.licence import LicenceFormatError, LicenceSet
 from firmware.common.store.atomic import atomic_write
@@ -183,6 +184,21 @@ class SyncMetadata:
 
     gateway: str
     objects: tuple[ObjectRef, ...] = ()
+
+    @classmethod
+    def listing(cls, gateway: str, sealed_objects: list[bytes], issuer: VerifyKey) -> SyncMetadata:
+        """Return metadata listing exactly ``sealed_objects`` (central's side of a sync).
+
+        Raises InvalidObject if one is not signed by ``issuer``, and
+        ValueError if two share a kind and subject.
+        """
+        refs = []
+        for data in sealed_objects:
+            h = verify_sealed(data, issuer)
+            refs.append(ObjectRef(h.kind, h.subject, h.version, hashlib.sha256(data).digest()))
+        if len({(r.kind, r.subject) for r in refs}) != len(refs):
+            raise ValueError("two objects with the same kind and subject")
+        return cls(gateway=gateway, objects=tuple(refs))
 
     def find(self, kind: Kind, subject: str) -> ObjectRef | None:
         """Return the listed reference for ``kind``/``subject``, or None."""

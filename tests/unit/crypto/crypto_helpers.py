@@ -7,19 +7,17 @@ section 4 (not from ``seal``'s internals), so tests can make objects that lie
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 import cbor2
 
-from firmware.common.crypto.freshness import ObjectRef, SyncMetadata
+from firmware.common.crypto.freshness import SyncMetadata
 from firmware.common.crypto.keys import RecipientPublicKey, SigningKey
 from firmware.common.crypto.sealed import (
     HPKE_INFO_CONTEXT,
     SIGNATURE_CONTEXT,
     Kind,
     seal,
-    verify_sealed,
 )
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -111,13 +109,9 @@ class Publisher:
 
     def metadata(self, objects: list[bytes], *, created: int, lifetime: int = 7 * DAY) -> bytes:
         """Return the next sync metadata version listing exactly ``objects``."""
-        refs = []
-        for data in objects:
-            h = verify_sealed(data, self.central.public)
-            refs.append(ObjectRef(h.kind, h.subject, h.version, hashlib.sha256(data).digest()))
         self.meta_version += 1
         return seal(
-            SyncMetadata(self.gateway, tuple(refs)).to_payload(),
+            SyncMetadata.listing(self.gateway, objects, self.central.public).to_payload(),
             kind=Kind.SYNC_METADATA,
             subject=self.gateway,
             version=self.meta_version,

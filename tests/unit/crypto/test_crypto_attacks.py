@@ -341,3 +341,16 @@ def test_registry_parser_is_total(data: bytes) -> None:
     except RegistryCorrupt:
         return
     assert all(v >= 0 for v, _ in reg.entries().values())
+
+
+def test_listing_checks_issuer_and_duplicates(pub: Publisher, central: SigningKey) -> None:
+    a = pub.object(Kind.BUNDLE, "a", 1, b"a")
+    a2 = pub.object(Kind.BUNDLE, "a", 2, b"a2")
+    meta = SyncMetadata.listing(GW, [a], central.public)
+    assert meta.find(Kind.BUNDLE, "a") is not None
+    assert meta.find(Kind.BUNDLE, "a").digest == hashlib.sha256(a).digest()  # type: ignore[union-attr]
+    assert meta.find(Kind.LICENCE_SET, "a") is None
+    with pytest.raises(ValueError):
+        SyncMetadata.listing(GW, [a, a2], central.public)
+    with pytest.raises(InvalidObject):
+        SyncMetadata.listing(GW, [a], SigningKey.generate().public)
