@@ -18,8 +18,9 @@ writes (TinyDB's ``CachingMiddleware`` can lose them); reads go to the file.
   shape, even empty (an atomic writer never produces an empty file) - raises
   :class:`CorruptDatabase`.  It is never treated as empty, because the next
   write would then silently erase everything that was in it.
-* A value JSON cannot carry (a set, bytes, NaN) raises
-  :class:`UnencodableValue` before anything is written.
+* A value JSON cannot carry faithfully (a set, bytes, NaN, a lone
+  surrogate, a non-string key, a tuple) raises :class:`UnencodableValue`
+  before anything is written: what is read back is exactly what was written.
 
 :class:`Store` is the handle a daemon holds: it takes the :class:`OwnerLock`
 (one owner process: TinyDB has no process safety), removes temporary files a
@@ -77,9 +78,17 @@ def _encode(data: dict[str, dict[str, Any]]) -> bytes:
     try:
         # allow_nan=False: NaN/Infinity are not JSON and would not read back.
         text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+        encoded = text.encode("utf-8")  # a lone surrogate fails here
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
         raise UnencodableValue(f"cannot store value: {e}") from e
-    return text.encode("utf-8")
+    # json quietly turns {1: x} into {"1": x} and tuples into lists: what is
+    # read back must be what was written, so such values are refused too.
+    if json.loads(text) != data:
+        raise UnencodableValue(
+            "cannot store value: it would not read back as written"
+            " (only str keys, lists, and JSON scalars are stored faithfully)"
+        )
+    return encoded
 
 
 def _decode(raw: bytes, origin: Path) -> dict[str, dict[str, Any]]:

@@ -97,7 +97,14 @@ def test_unencodable_value_writes_nothing(tmp_path: Path) -> None:
     with Store(path) as store:
         store.db.insert({"a": 1})
         before = path.read_bytes()
-        for bad in ({"s": {1, 2}}, {"b": b"x"}, {"n": float("nan")}):
+        for bad in (
+            {"s": {1, 2}},
+            {"b": b"x"},
+            {"n": float("nan")},
+            {"u": "\ud800"},
+            {"k": {1: "int key"}},
+            {"t": (1, 2)},
+        ):
             with pytest.raises(UnencodableValue):
                 store.db.insert(bad)
             assert isinstance(UnencodableValue(), TypeError)
