@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from firmware.common.errors import ConfigError, LocalProtocolError
+from firmware.common.errors import ConfigError, LocalProtocolError, ModemError
 from firmware.outer.modem.dialler import (
     GUARD_MARGIN,
     HOUR,
@@ -522,3 +524,66 @@ def test_statistics_count_calls_and_bytes() -> None:
     assert stats["calls"] == 1
     assert stats["connects"] == 1
     assert stats["bytes_out"] == 5
+
+
+# ------------------------------------------------------------- properties
+
+_MODEM_SAYS = st.sampled_from(
+    [
+        b"\r\nOK\r\n",
+        b"\r\nERROR\r\n",
+        b"\r\nBUSY\r\n",
+        b"\r\nRING\r\n",
+        b"\r\nNO CARRIER\r\n",
+        b"\r\nCONNECT 33600/ARQ\r\n",
+        b"0\r",
+        b"3\r",
+        b"ATZ\r",
+        NO_CARRIER_BYTES,
+    ]
+)
+
+_OPERATION = st.one_of(
+    st.tuples(st.just("bytes"), st.one_of(_MODEM_SAYS, st.binary(max_size=64))),
+    st.tuples(st.just("wait"), st.floats(0.0, 120.0)),
+    st.tuples(st.sampled_from(["dial", "answer", "hangup", "send", "dcd"]), st.none()),
+)
+
+
+@given(st.lists(_OPERATION, max_size=60), st.booleans())
+def test_any_modem_behaviour_keeps_the_core_consistent(
+    operations: list[tuple[str, object]], use_dtr: bool
+) -> None:
+    rig = Rig(use_dtr=use_dtr, max_attempts=3)
+    for op, argument in operations:
+        if op == "bytes":
+            assert isinstance(argument, bytes)
+            rig.modem(argument)
+        elif op == "wait":
+            assert isinstance(argument, float)
+            rig.advance(argument)
+        elif op == "dcd":
+            rig.d.set_carrier_detect(False, rig.now)
+        else:
+            before = rig.d.state
+            try:
+                if op == "send":
+                    rig.d.send_data(b"x", rig.now)
+                else:
+                    getattr(rig.d, op)(rig.now)
+            except LocalProtocolError:
+                assert rig.d.state is before  # a refused request changes nothing
+        # handling the deadlines due now settles: no deadline left in the past
+        for _ in range(3):
+            deadline = rig.d.next_deadline()
+            if deadline is None or deadline > rig.now:
+                break
+            rig.d.handle_deadline(rig.now)
+        deadline = rig.d.next_deadline()
+        assert deadline is None or deadline > rig.now
+        for event in rig.events():
+            if isinstance(event, CallFailed | CallAttemptFailed):
+                assert isinstance(event.error, ModemError)
+        rig.sent()
+    if rig.d.state is State.IDLE:
+        assert rig.d.next_deadline() is None
