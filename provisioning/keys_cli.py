@@ -82,16 +82,20 @@ def _check_free(paths: list[Path], force: bool) -> None:
         raise Refused(f"refusing to overwrite existing files (use --force): {listing}")
 
 
-def _mkdir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(DIR_MODE)
+def _mkdir(path: Path, *, holds_keys: bool) -> None:
+    """Create ``path`` mode 0700; tighten an existing one only if it is ours to hold keys."""
+    if not path.exists():
+        path.mkdir(parents=True)
+        path.chmod(DIR_MODE)
+    elif holds_keys:
+        path.chmod(DIR_MODE)
 
 
 def init_central(directory: Path, *, force: bool = False) -> SigningKey:
     """Create central's signing key in ``directory``; return it. Raise Refused."""
     key_path, pub_path = directory / "central.key", directory / "central.pub"
     _check_free([key_path, pub_path], force)
-    _mkdir(directory)
+    _mkdir(directory, holds_keys=False)
     key = SigningKey.generate()
     key.save(key_path)
     key.public.save(pub_path)
@@ -145,8 +149,9 @@ def make_gateway(
         "gateway": out / "gateway.json",
     }
     _check_free(list(files.values()), force)
-    for d in (out, inner, outer, ca_dir):
-        _mkdir(d)
+    _mkdir(out, holds_keys=False)
+    for d in (inner, outer, ca_dir):
+        _mkdir(d, holds_keys=True)
 
     hpke_key = RecipientKey.generate(pq=pq)
     inner_sign = SigningKey.generate()

@@ -211,3 +211,13 @@ def test_registered_in_the_optogate_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == SigningKey.load(tmp_path / "c" / "central.key").key_id
+
+
+def test_existing_output_directory_keeps_its_mode(central_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    out.mkdir(mode=0o755)
+    out.chmod(0o755)
+    argv = ["gateway", "gw-1", "--out", str(out), "--central-pub", str(central_dir / "central.pub")]
+    assert main(argv, PROG) == 0
+    assert mode(out) == 0o755
+    assert mode(out / "inner") == 0o700

@@ -386,3 +386,26 @@ def test_seal_argument_checks(central: SigningKey, inner: RecipientKey) -> None:
 
 _KEYS = (SigningKey.generate(), RecipientKey.generate())
 _GOOD = make(*_KEYS, payload=b"mutate me")
+
+
+@pytest.mark.parametrize("pq", [False, True])
+def test_largest_header_values_roundtrip(
+    central: SigningKey, inner: RecipientKey, inner_pq: RecipientKey, pq: bool
+) -> None:
+    recipient = inner_pq if pq else inner
+    top = 2**63 - 1
+    data = make(central, recipient, subject="é" * 100, version=top, created=top - 1, expires=top)
+    h = open_(data, central, recipient, now=top - 1).header
+    assert (h.subject, h.version, h.expires) == ("é" * 100, top, top)
+
+
+@pytest.mark.parametrize("pq", [False, True])
+def test_short_ciphertexts_are_a_typed_error(
+    central: SigningKey, inner: RecipientKey, inner_pq: RecipientKey, pq: bool
+) -> None:
+    recipient = inner_pq if pq else inner
+    fields = header_fields(issuer=central, recipient=recipient.public, payload_length=1)
+    header = cbor2.dumps(fields)
+    for ciphertext in (b"", b"\x00", b"\x00" * 31, b"\x00" * 48, b"\x00" * 1200):
+        with pytest.raises(InvalidObject):
+            open_(resign(header, ciphertext, central), central, recipient)
