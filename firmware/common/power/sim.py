@@ -5,6 +5,8 @@ low from outside (:meth:`SimPin.drive`, as the wire would), reports the edge
 to the input callback, and records a timestamped history of its levels, so a
 test can check what an LED did over time.  Pins exist from the first mention,
 so a simulator may drive a pin before the daemon configures it.
+:meth:`SimGpio.jumper` joins an output to an input like a wire on the header,
+so one conformance suite runs against this backend and a real Pi.
 
 What it does not model: electrical behaviour (contention when two outputs
 meet, a floating input - an undriven input with no pull reads low, one with a
@@ -38,6 +40,7 @@ class SimPin:
         self._driven: bool | None = None  # level forced from outside, if any
         self._output = False
         self._callback: EdgeCallback | None = None
+        self.jumpered: list[SimPin] = []  # inputs this pin drives when an output
         #: ``(timestamp, level)`` for every change of level, oldest first.
         self.history: list[tuple[float, bool]] = [(clock(), False)]
 
@@ -113,6 +116,8 @@ class SimPin:
             self._output = bool(level)
 
         self._change(update)
+        for other in self.jumpered:
+            other.drive(bool(level))
 
 
 class SimGpio:
@@ -156,8 +161,14 @@ class SimGpio:
         pin.write(initial)
         return pin
 
+    def jumper(self, output_bcm: int, input_bcm: int) -> None:
+        """Wire ``output_bcm`` to ``input_bcm``: the output's writes drive the input."""
+        if output_bcm == input_bcm:
+            raise ConfigError(f"cannot jumper BCM {output_bcm} to itself")
+        self.pin(output_bcm).jumpered.append(self.pin(input_bcm))
+
     def close(self) -> None:
-        """Unconfigure every pin (callbacks stop; history and drives remain)."""
+        """Unconfigure every pin (callbacks stop; history, drives and jumpers remain)."""
         with self._lock:
             pins = list(self._pins.values())
         for pin in pins:
