@@ -48,7 +48,10 @@ bytes, so a receiver that reads slowly loses nothing until that buffer fills
 (then the excess is counted as ``overrun``); bytes delivered but not yet read
 when a program closes its side stay in the pty for the next program that opens
 it; the baud rate a program sets on its pty is ignored (the simulator's
-``--baud`` is the line rate); break conditions and parity are not carried;
+``--baud`` is the line rate); ``tcdrain()`` on a pty returns at once instead
+of waiting for the line, so a program that drains and then flushes its port
+(lrzsz's sz does, on exit) can lose its last bytes, which a UART would have
+sent; break conditions and parity are not carried;
 and everything listed in :mod:`host_tools.sim.line`.
 """
 
@@ -70,6 +73,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from firmware.common.errors import OptogateError
 from host_tools.sim.line import (
     DIRECTIONS,
     SIDES,
@@ -582,7 +586,10 @@ def load_isolator() -> Middlebox:
             f"--isolator needs firmware.isolator.simbox.IsolatorMiddlebox, which is "
             f"not importable: {e}"
         ) from e
-    box: Middlebox = IsolatorMiddlebox()
+    try:
+        box: Middlebox = IsolatorMiddlebox()
+    except (OptogateError, ValueError, OSError) as e:
+        raise ControlError(f"--isolator: the isolator could not be configured: {e}") from e
     return box
 
 
