@@ -109,7 +109,9 @@ def test_known_answer_vectors() -> None:
         assert opened.header.expires == obj["expires"]
         assert opened.header.compression is Compression[obj["compression"]]
         if opened.header.kind is Kind.LICENCE_SET:
-            assert LicenceSet.from_payload(opened.payload).gateway == obj["subject"]
+            lset = LicenceSet.from_payload(opened.payload)
+            assert lset.gateway == obj["subject"]
+            assert lset.to_payload() == opened.payload  # the encoding is pinned too
 
 
 def test_every_byte_flipped_is_rejected(central: SigningKey, inner: RecipientKey) -> None:
