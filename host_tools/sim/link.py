@@ -73,7 +73,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from firmware.common.errors import OptogateError
+from firmware.common.errors import OptogateError, PortError
 from host_tools.sim.line import (
     DIRECTIONS,
     SIDES,
@@ -207,8 +207,8 @@ class LinkSimulator:
     async def start(self) -> None:
         """Create the ptys, start the relay and, if configured, the control socket.
 
-        Raises :class:`~firmware.common.errors.PortError`-like ``OSError`` if a
-        pty or the socket cannot be created (nothing is left open then).
+        Raises :class:`~firmware.common.errors.PortError` if a pty or the
+        socket cannot be created (nothing is left open then).
         """
         try:
             for side in SIDES:
@@ -218,9 +218,11 @@ class LinkSimulator:
                 self._server = await asyncio.start_unix_server(
                     self._serve_control, path=self._control_path, limit=MAX_CONTROL_LINE
                 )
-        except BaseException:
+        except BaseException as e:
             for port in self._ports.values():
                 port.close()
+            if isinstance(e, OSError):
+                raise PortError(f"cannot set up the link simulator: {e}") from e
             raise
         self._relay_task = asyncio.create_task(self._relay(), name="sim-link-relay")
         imp = self._model.impairments

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from firmware.common.errors import PortError
 from host_tools.sim.line import ImpairmentError, PowerChanged, UnknownSide
 from host_tools.sim.link import ControlError, LinkSimulator
 
@@ -183,3 +185,12 @@ async def test_bad_settings_are_refused_before_anything_is_opened() -> None:
         LinkSimulator(ber=-1)
     with pytest.raises(ImpairmentError):
         LinkSimulator(baud=1)
+
+
+async def test_an_unusable_control_path_is_a_port_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-socket"
+    blocker.write_text("keep me")
+    with pytest.raises(PortError):
+        async with LinkSimulator(control_path=blocker):
+            pass
+    assert blocker.read_text() == "keep me"
