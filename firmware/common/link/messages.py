@@ -385,17 +385,29 @@ class Service(Message):
 @_message(Kind.SYNC_DATA, reply=True)
 @dataclass(frozen=True, slots=True)
 class SyncData(Message):
-    """Sealed sync data answering :class:`Sync`."""
+    """Sealed sync data answering :class:`Sync`.
+
+    ``sealed`` is the sync metadata (kind 3: central's signed time and the
+    current version of every object); ``sealed_licences`` the gateway's
+    licence set (kind 2) that metadata lists, empty only if none is sent.
+    """
 
     sealed: bytes = _f(_Bytes(MAX_SEALED, 1))
+    sealed_licences: bytes = _f(_Bytes(MAX_SEALED), b"")
 
 
 @_message(Kind.USAGE_ACK, reply=True)
 @dataclass(frozen=True, slots=True)
 class UsageAck(Message):
-    """The server has stored the usage batch ``batch_id``; the client may drop it."""
+    """The server has stored the usage batch ``batch_id``; the client may drop it.
+
+    ``sealed_ack`` is central's signed acknowledgement (a sealed object of
+    kind 4, see ``firmware/common/uplink.py``), empty only from a server
+    that does not sign acks.
+    """
 
     batch_id: str = _f(_Text(MAX_NAME))
+    sealed_ack: bytes = _f(_Bytes(MAX_SEALED), b"")
 
 
 _STATUS_FIELDS: Final = _ScalarMap(
