@@ -513,7 +513,8 @@ class HayesModem:
     def _factory_reset(self) -> None:
         self._registers = dict(DEFAULT_REGISTERS)
         self._echo, self._verbose, self._quiet, self._x_level = True, True, False, 4
-        if self._line_open:
+        # ATZ ends a call in progress; a phone that is ringing keeps ringing
+        if self._line_open and self._state is not ModemState.RINGING:
             self._hang_up()
 
     # ------------------------------------------------------------- results

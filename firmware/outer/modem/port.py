@@ -245,6 +245,7 @@ class ModemConnection:
         self._hangup: asyncio.Future[HungUp] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        self._logged_state = self._core.state
         port.on_data = self._on_data
         port.on_error = self._on_error
         self._task = asyncio.create_task(self._run(), name=f"modem {port.path}")
@@ -412,6 +413,7 @@ class ModemConnection:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _service(self) -> None:
+        self._note_state()
         while (event := self._core.next_event()) is not None:
             if isinstance(event, SetDTR):
                 try:
@@ -447,6 +449,13 @@ class ModemConnection:
         out = self._core.bytes_to_send()
         if out and self._error is None:
             self._port.write(out)
+        self._note_state()
+
+    def _note_state(self) -> None:
+        state = self._core.state
+        if state is not self._logged_state:
+            self._logged_state = state
+            self._log("state", state=state.value)
 
     def _lost(self) -> None:
         self._eof = True

@@ -219,3 +219,81 @@ async def test_exclusive_open() -> None:
     async with rig() as (modem, _):
         with pytest.raises(PortError):
             await ModemConnection.open(modem.port_path, fast_config())
+
+
+@pytest.mark.timeout(20)
+async def test_hangup_while_dialling_abandons_the_call() -> None:
+    dialling = asyncio.Event()
+
+    def log(event: str, **fields: object) -> None:
+        if event == "state" and fields["state"] == State.DIALLING.value:
+            dialling.set()
+
+    async with echo_server() as address, emulator(address, dial_delay=30.0) as modem:
+        conn = await ModemConnection.open(modem.port_path, fast_config(), log=log)
+        async with conn:
+            call = asyncio.create_task(conn.dial())
+            await asyncio.wait_for(dialling.wait(), 5)
+            await conn.hangup()
+            assert conn.state is State.IDLE
+            assert modem.core.statistics()["dials"] == 1
+            assert modem.core.state.value == "command"  # the CR aborted the dial
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+
+@pytest.mark.timeout(20)
+async def test_close_during_a_call_hangs_up() -> None:
+    async with rig() as (modem, conn):
+        await conn.dial()
+        await conn.close()
+        await conn.close()  # idempotent
+        assert modem.core.statistics()["escapes"] == 1
+        assert modem.core.state.value == "command"
+
+
+@pytest.mark.timeout(20)
+async def test_modem_vanishing_is_a_port_error() -> None:
+    async with echo_server() as address:
+        modem = emulator(address)
+        await modem.start()
+        try:
+            conn = await ModemConnection.open(modem.port_path, fast_config())
+            await conn.dial()
+        finally:
+            await modem.aclose()  # the USB modem is unplugged mid-call
+        got = b"x"
+        with contextlib.suppress(PortError):
+            while got:
+                got = await conn.read()
+        assert got, "read() must raise PortError, not report a clean end"
+        assert conn.carrier_lost.is_set()
+        with pytest.raises(PortError):
+            await conn.dial()
+        await conn.close()
+
+
+@pytest.mark.timeout(20)
+async def test_auto_answer_by_s0() -> None:
+    answerer = ModemEmulator(
+        HayesConfig(answer_delay=0.1, ring_interval=0.3), listen=("127.0.0.1", 0)
+    )
+    async with answerer:
+        assert answerer.listen_address is not None
+        config = fast_config(number="", auto_answer_rings=2)
+        async with await ModemConnection.open(answerer.port_path, config) as central:
+            answering = asyncio.create_task(central.answer())
+            reader, writer = await asyncio.open_connection(*answerer.listen_address.split(":"))
+            try:
+                connected = await asyncio.wait_for(answering, 10)
+                assert connected.speed == 33600
+                assert answerer.core.register(0) == 2
+                writer.write(b"raw tcp caller")
+                assert await read_exactly(central, 14) == b"raw tcp caller"
+                central.write(b"ok")
+                assert await reader.readexactly(2) == b"ok"
+            finally:
+                writer.close()
+                await writer.wait_closed()
+            await asyncio.wait_for(central.carrier_lost.wait(), 5)

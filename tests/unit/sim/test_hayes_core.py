@@ -395,3 +395,21 @@ def test_dialler_core_drives_the_emulator_core() -> None:
     assert dialler.next_event() == HungUp(clean=True)
     assert modem.next_event() == CloseLine()
     assert modem.state is ModemState.COMMAND
+
+
+def test_atz_while_ringing_keeps_the_call_ringing_but_ends_a_connected_one() -> None:
+    rig = Rig()
+    rig.type("ATE0\r")
+    rig.m.incoming_call(rig.now)
+    rig.m.bytes_to_dte(rig.now)
+    assert rig.type("ATZ\r") == b"ATZ\r\r\nOK\r\n"  # factory profile: echo back on
+    assert rig.actions() == []
+    assert rig.m.state is ModemState.RINGING
+    rig.type("ATA\r")
+    rig.advance(1.0)
+    rig.now += 1.0
+    rig.type(b"+++")
+    rig.advance(1.0)
+    assert rig.type("ATZ\r").endswith(b"\r\nOK\r\n")
+    assert rig.actions() == [CloseLine()]
+    assert rig.m.state is ModemState.COMMAND
