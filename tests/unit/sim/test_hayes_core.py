@@ -402,7 +402,7 @@ def test_atz_while_ringing_keeps_the_call_ringing_but_ends_a_connected_one() -> 
     rig.type("ATE0\r")
     rig.m.incoming_call(rig.now)
     rig.m.bytes_to_dte(rig.now)
-    assert rig.type("ATZ\r") == b"ATZ\r\r\nOK\r\n"  # factory profile: echo back on
+    assert rig.type("ATZ\r") == b"\r\nOK\r\n"  # typed with echo off
     assert rig.actions() == []
     assert rig.m.state is ModemState.RINGING
     rig.type("ATA\r")
