@@ -16,6 +16,7 @@
         DIR/inner/identity.json, DIR/outer/identity.json   name, key ids, and (inner)
                      the provisioning time: the floor of the inner module's trusted time
         DIR/gateway.json   ids and public keys, read by central's `gateway register`
+                           (through provisioning.gateway_file.read_gateway_description)
 
     optogate keys id FILE        print the key id of a key file
     optogate keys api-key        issue an API key: the key once, and its stored hash
@@ -33,7 +34,6 @@ import base64
 import datetime
 import ipaddress
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -53,18 +53,13 @@ from firmware.common.crypto.tls import (
 )
 from firmware.common.errors import OptogateError
 from firmware.common.store.atomic import PRIVATE_MODE, atomic_write
-
-#: gateway.json format.
-GATEWAY_FORMAT = 1
+from provisioning.gateway_file import GATEWAY_FORMAT, GATEWAY_NAME_RE
 
 #: Public files (certificates, public keys, gateway.json) may be read by anyone.
 PUBLIC_MODE = 0o644
 
 #: Directories holding private keys: owner only.
 DIR_MODE = 0o700
-
-#: A gateway name is a DNS label, so it can also be the server's host name.
-_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class Refused(OptogateError):
@@ -118,7 +113,7 @@ def make_gateway(
     Raises Refused (bad name, or files exist without ``force``), KeyFileError
     (``central_pub`` is not an Ed25519 public key), ValueError (bad address).
     """
-    if not _NAME_RE.fullmatch(name):
+    if not GATEWAY_NAME_RE.fullmatch(name):
         raise Refused(f"gateway name {name!r} must be a DNS label: a-z, 0-9 and '-'")
     for addr in ip_addresses:
         try:
