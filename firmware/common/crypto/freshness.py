@@ -261,8 +261,10 @@ class SyncVerifier:
     Feed it sealed bytes and trusted time; it opens them, enforces rollback,
     freeze and mix-and-match protection, and updates its registry in memory.
     The caller persists :attr:`registry` (``save_registry``) after each
-    successful ``accept_*`` and before acting on the object, and keeps the
-    last accepted sync metadata bytes to feed back after a reboot.
+    successful ``accept_*`` and before acting on the object, keeps the
+    last accepted sync metadata bytes to feed back after a reboot, and feeds
+    each accepted metadata's ``header.created`` to the trusted clock.
+    ``firmware.inner.trust.GatewayTrust`` does all of that.
     """
 
     def __init__(
