@@ -1,4 +1,4 @@
-"""Session-wide keys for the trust-layer tests (helpers live in crypto_helpers.py)."""
+"""Session-wide keys for the trust-layer tests (object builders: trust_fixtures.py)."""
 
 from __future__ import annotations
 

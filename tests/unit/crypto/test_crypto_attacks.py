@@ -12,9 +12,9 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from crypto_helpers import DAY, NOW, Publisher, forge, header_fields
 from hypothesis import given
 from hypothesis import strategies as st
+from trust_fixtures import DAY, NOW, Publisher, forge, header_fields
 
 from firmware.common.crypto.apikeys import generate_api_key
 from firmware.common.crypto.errors import (

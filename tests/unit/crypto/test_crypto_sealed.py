@@ -8,9 +8,9 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from crypto_helpers import DAY, NOW, forge, header_fields, resign
 from hypothesis import given
 from hypothesis import strategies as st
+from trust_fixtures import DAY, NOW, forge, header_fields, resign
 
 from firmware.common.crypto.errors import ExpiredObject, InvalidObject, RollbackError
 from firmware.common.crypto.keys import RecipientKey, SigningKey
