@@ -587,3 +587,32 @@ def test_any_modem_behaviour_keeps_the_core_consistent(
         rig.sent()
     if rig.d.state is State.IDLE:
         assert rig.d.next_deadline() is None
+
+
+def test_silent_init_string_is_a_timeout() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.advance(1.0)
+    assert rig.sent() == INIT.encode() + b"\r"
+    rig.advance(4.99)
+    assert rig.events() == []
+    rig.advance(0.01)
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, ModemTimeout)
+
+
+@pytest.mark.parametrize("answer", [b"", b"\r\nERROR\r\n"])
+def test_ath0_not_confirmed_is_an_unclean_hangup(answer: bytes) -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(1.2)
+    assert rig.sent() == b"+++"
+    rig.modem(b"\r\nOK\r\n")
+    rig.reply(b"ATH0\r", answer)
+    rig.advance(5.0)
+    assert rig.events() == [HungUp(clean=False)]
+    assert rig.d.state is State.IDLE
