@@ -182,6 +182,8 @@ class ResultParser:
         self._halted = False
         self._tail = bytearray()
         self._last_terminator_cr = False
+        #: set by :meth:`detach`: the LF of the CONNECT line's CR LF may follow
+        self.pending_lf = False
         self._stats = {"lines": 0, "overlong_lines": 0, "discarded_bytes": 0, "echoes": 0}
 
     @property
@@ -259,22 +261,19 @@ class ResultParser:
     def detach(self) -> bytes:
         """After CONNECT: return the bytes that followed it and reset to command state.
 
+        If the CONNECT line's CR was the last byte received, its LF may still
+        be on the way; :attr:`pending_lf` is then True and the caller should
+        drop one leading LF from the data that follows.
+
         Raises LocalProtocolError when the parser is not halted on a CONNECT.
-        The single LF of a ``CONNECT ...\\r\\n`` split across reads is dropped
-        by :meth:`receive_bytes` when it arrives in the same call; a caller
-        that gets a lone leading LF in the next read should check
-        :attr:`pending_lf`.
         """
         if not self._halted:
             raise LocalProtocolError("detach() is only valid after a CONNECT result")
         tail = bytes(self._tail)
-        self.pending_lf = self._last_terminator_cr and not tail
+        pending_lf = self._last_terminator_cr and not tail
         self.reset()
+        self.pending_lf = pending_lf
         return tail
-
-    #: after :meth:`detach`: the CONNECT line ended in a bare CR at the end of
-    #: the input, so its LF may still be on the way.
-    pending_lf: bool = False
 
     def reset(self) -> None:
         """Forget any partial line, pending echo and events (back to command state)."""
@@ -285,6 +284,7 @@ class ResultParser:
         self._halted = False
         self._tail.clear()
         self._last_terminator_cr = False
+        self.pending_lf = False
 
     def statistics(self) -> dict[str, int]:
         """Return counters: lines seen, echoes, overlong lines and bytes discarded."""

@@ -9,7 +9,8 @@
     ├── NoDialtone                          no dial tone on the line (unplugged?)
     ├── NoAnswer                            the called side never picked up
     ├── ModemTimeout(TimeoutError)          the modem did not answer in time
-    └── CallLimitReached                    the calls-per-hour cap forbids another call
+    ├── CallLimitReached                    the calls-per-hour cap forbids another call
+    └── CallAbandoned                       we hung up before the call connected
 
 Call failures are *reported* by the dialler core as ``CallAttemptFailed`` /
 ``CallFailed`` events carrying one of these instances; the asyncio adapter
@@ -53,8 +54,13 @@ class CallLimitReached(ModemError):
         self.retry_at = retry_at
 
 
+class CallAbandoned(ModemError):
+    """The local side hung up (or cancelled) before the call connected."""
+
+
 __all__ = [
     "Busy",
+    "CallAbandoned",
     "CallLimitReached",
     "ModemCommandError",
     "ModemError",

@@ -52,7 +52,7 @@ from firmware.outer.modem.dialler import (
     SetDTR,
     State,
 )
-from firmware.outer.modem.errors import ModemTimeout, NoCarrier
+from firmware.outer.modem.errors import CallAbandoned, ModemTimeout, NoCarrier
 
 #: Most bytes taken from the port in one read.
 MAX_READ: Final = 4096
@@ -246,6 +246,7 @@ class ModemConnection:
         self._wake = asyncio.Event()
         self._closed = False
         self._logged_state = self._core.state
+        self._dcd_seen = False
         port.on_data = self._on_data
         port.on_error = self._on_error
         self._task = asyncio.create_task(self._run(), name=f"modem {port.path}")
@@ -294,15 +295,17 @@ class ModemConnection:
 
         Returns the Connected event.  Raises the last attempt's ModemError
         (Busy, NoAnswer, NoDialtone, NoCarrier, ModemTimeout,
-        ModemCommandError, CallLimitReached), PortError, or
-        LocalProtocolError if a call is already in progress.
+        ModemCommandError, CallLimitReached), CallAbandoned if :meth:`hangup`
+        ran meanwhile, PortError, or LocalProtocolError if a call is already in
+        progress.  Cancelling it abandons the call.
         """
         return await self._start_call(self._core.dial)
 
     async def answer(self) -> Connected:
-        """Wait for an incoming call and answer it; returns the Connected event.
+        """Wait (without limit) for an incoming call and answer it.
 
-        Raises PortError or LocalProtocolError like :meth:`dial`.
+        Returns the Connected event.  Raises CallAbandoned, PortError or
+        LocalProtocolError like :meth:`dial`; cancelling it stops answering.
         """
         return await self._start_call(self._core.answer)
 
@@ -312,10 +315,17 @@ class ModemConnection:
         self._buffer.clear()
         self._eof = False
         self.carrier_lost.clear()
+        self._dcd_seen = False
         self._call = asyncio.get_running_loop().create_future()
         self._wake.set()
         try:
             connected = await self._call
+        except asyncio.CancelledError:
+            # the caller gave up: abandon the call rather than leave it half made
+            if self._error is None and self._core.state is not State.ONLINE:
+                self._core.hangup(self._now())
+                self._wake.set()
+            raise
         finally:
             self._call = None
         self.speed, self.protocol = connected.speed, connected.protocol
@@ -401,9 +411,13 @@ class ModemConnection:
             now = self._now()
             self._core.handle_deadline(now)
             if self._core.state is State.ONLINE:
+                # Some modems raise DCD a moment after CONNECT: DCD only counts
+                # once it has been seen high during this call.
                 dcd = self._port.carrier_detect()
-                if dcd is not None:
-                    self._core.set_carrier_detect(dcd, now)
+                if dcd:
+                    self._dcd_seen = True
+                elif dcd is False and self._dcd_seen:
+                    self._core.set_carrier_detect(False, now)
             self._service()
             deadline = self._core.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self._now())
@@ -444,6 +458,8 @@ class ModemConnection:
                 self._log("hung_up", clean=event.clean)
                 if self._hangup is not None and not self._hangup.done():
                     self._hangup.set_result(event)
+                if self._call is not None and not self._call.done():
+                    self._call.set_exception(CallAbandoned("hung up before the call connected"))
                 self._eof = True
                 self._readable.set()
         out = self._core.bytes_to_send()

@@ -10,7 +10,13 @@ import pytest
 
 from firmware.common.errors import PortError
 from firmware.outer.modem.dialler import DiallerConfig, State
-from firmware.outer.modem.errors import Busy, CallLimitReached, NoAnswer, NoCarrier
+from firmware.outer.modem.errors import (
+    Busy,
+    CallAbandoned,
+    CallLimitReached,
+    NoAnswer,
+    NoCarrier,
+)
 from firmware.outer.modem.port import ModemConnection
 from host_tools.sim.hayes import HayesConfig
 from host_tools.sim.modem import ModemEmulator
@@ -238,9 +244,19 @@ async def test_hangup_while_dialling_abandons_the_call() -> None:
             assert conn.state is State.IDLE
             assert modem.core.statistics()["dials"] == 1
             assert modem.core.state.value == "command"  # the CR aborted the dial
-            call.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with pytest.raises(CallAbandoned):
                 await call
+            # cancelling a dial abandons the call the same way
+            dialling.clear()
+            call = asyncio.create_task(conn.dial())
+            await asyncio.wait_for(dialling.wait(), 5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.wait_for(conn.hangup(), 5)
+            assert conn.state is State.IDLE
+            assert modem.core.statistics()["dials"] == 2
+            assert modem.core.state.value == "command"
 
 
 @pytest.mark.timeout(20)
