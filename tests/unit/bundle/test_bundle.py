@@ -19,6 +19,7 @@ from provisioning.bundle import (
     ManifestError,
     build_bundle,
     load_bundle,
+    manifest_from_dict,
     parse_manifest,
 )
 
@@ -235,3 +236,38 @@ def test_cli_build_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (src / "manifest.toml").write_text(GOOD.replace("python", "cobol"))
     assert bundle_cli.main(["build", str(src), "--out", str(out)], "bundle") == 1
     assert "unknown runtime 'cobol'" in capsys.readouterr().err
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.sampled_from([*parse_manifest(GOOD).to_dict(), "x"]), _json_values))
+def test_random_manifest_dicts_only_raise_manifest_error(raw: dict[str, object]) -> None:
+    try:
+        manifest = manifest_from_dict(raw)
+    except ManifestError:
+        return
+    assert manifest_from_dict(manifest.to_dict()) == manifest
+
+
+@given(st.data())
+def test_mutated_manifest_text_parses_or_raises_manifest_error(data: st.DataObject) -> None:
+    lines = GOOD.splitlines()
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(lines) - 1))
+        lines[i] = data.draw(
+            st.sampled_from(["", "[params]", "type = 1", 'x = "y"', "version = -1", "[limits]"])
+            | st.text(max_size=20)
+        )
+    try:
+        manifest = parse_manifest("\n".join(lines))
+    except ManifestError:
+        return
+    # Whatever parsed must survive the round trip through a bundle unchanged.
+    assert manifest_from_dict(manifest.to_dict()) == manifest
