@@ -194,6 +194,12 @@ class ModemEmulator:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _service(self, now: float) -> None:
+        # Bytes first: when the carrier drops after N bytes, the bytes that
+        # made it go out before the CloseLine that follows them.
+        line_data = self.core.bytes_to_line(now)
+        if line_data and self._line is not None:
+            self._line.write(line_data)
+        self._write_dte(self.core.bytes_to_dte(now))
         while (action := self.core.next_event()) is not None:
             if isinstance(action, OpenLine):
                 self._log("dial", address=action.address)
@@ -201,14 +207,6 @@ class ModemEmulator:
             elif isinstance(action, CloseLine):
                 self._log("hangup")
                 self._close_line()
-        line_data = self.core.bytes_to_line(now)
-        if line_data and self._line is not None:
-            self._line.write(line_data)
-        # a CloseLine may follow the last bytes (carrier dropped after N bytes)
-        while (action := self.core.next_event()) is not None:
-            if isinstance(action, CloseLine):
-                self._close_line()
-        self._write_dte(self.core.bytes_to_dte(now))
         if self.core.line_backlog() < LINE_HIGH_WATER:
             self._line_room.set()
         else:

@@ -313,3 +313,29 @@ async def test_auto_answer_by_s0() -> None:
                 writer.close()
                 await writer.wait_closed()
             await asyncio.wait_for(central.carrier_lost.wait(), 5)
+
+
+@pytest.mark.timeout(20)
+async def test_carrier_drop_also_hangs_up_the_far_end() -> None:
+    far_end_saw_eof = asyncio.Event()
+
+    async def talker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(bytes(1000))
+        await writer.drain()
+        if await reader.read() == b"":
+            far_end_saw_eof.set()
+        writer.close()
+
+    server = await asyncio.start_server(talker, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        async with rig(address=f"{host}:{port}", no_carrier_after=300) as (_, conn):
+            await conn.dial()
+            got = bytearray()
+            while data := await conn.read():
+                got += data
+            assert len(got) == 300
+            await asyncio.wait_for(far_end_saw_eof.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
