@@ -242,15 +242,16 @@ class WasmRuntime:
             mem = exports["memory"]
             assert isinstance(mem, wasmtime.Memory)
             memory = mem
-            fn = {name: exports[name] for name in REQUIRED_FUNCTIONS}
+            names = [*REQUIRED_FUNCTIONS, *(OUTPUT_FUNCTIONS if self._has_output else ())]
+            fn = {name: _func(exports[name]) for name in names}
             p_ptr = self._copy_in(store, memory, fn["og_alloc"], params)
             d_ptr = self._copy_in(store, memory, fn["og_alloc"], data)
             status = fn["og_run"](store, p_ptr, len(params), d_ptr, len(data))
             r_ptr, r_len = _u32(fn["og_result_ptr"](store)), _u32(fn["og_result_len"](store))
             o_ptr = o_len = 0
             if self._has_output:
-                o_ptr = _u32(exports["og_output_ptr"](store))  # type: ignore[operator]
-                o_len = _u32(exports["og_output_len"](store))  # type: ignore[operator]
+                o_ptr = _u32(fn["og_output_ptr"](store))
+                o_len = _u32(fn["og_output_len"](store))
             if status == STATUS_REFUSED:
                 raw = self._read(store, memory, r_ptr, min(r_len, MAX_MESSAGE_BYTES))
                 raise AlgorithmError(raw.decode("utf-8", errors="replace"))
@@ -296,7 +297,7 @@ class WasmRuntime:
         raise AlgorithmCrashed(f"service {self._name!r} {what}") from cause
 
     def _copy_in(
-        self, store: wasmtime.Store, memory: wasmtime.Memory, alloc: Any, payload: bytes
+        self, store: wasmtime.Store, memory: wasmtime.Memory, alloc: wasmtime.Func, payload: bytes
     ) -> int:
         ptr = _u32(alloc(store, len(payload)))
         if ptr == 0:
@@ -330,6 +331,13 @@ class WasmRuntime:
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True)
         self._module = None
+
+
+def _func(export: object) -> wasmtime.Func:
+    """The export as a function (its type was checked at start)."""
+    if not isinstance(export, wasmtime.Func):
+        raise AlgorithmCrashed("an ABI export is not a function")
+    return export
 
 
 def _u32(value: object) -> int:
