@@ -23,8 +23,10 @@ with a deliberately small interface for the framed link session::
     conn.carrier_lost                   # asyncio.Event, set when the line drops
     await conn.hangup(); await conn.close()
 
-Failures of the port reach every waiter as :class:`PortError`; nothing dies
-silently in the background.
+:class:`ModemTransport` wraps a connected call in the Transport protocol of
+:mod:`firmware.common.adapters.transport`, so the Link facade runs on it
+unchanged.  Failures of the port reach every waiter as :class:`PortError`;
+nothing dies silently in the background.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Final
 
 import serial
 
-from firmware.common.errors import ModemError, PortError
+from firmware.common.errors import LinkClosed, ModemError, PortError
 from firmware.outer.modem.dialler import (
     CallAttemptFailed,
     CallFailed,
@@ -275,6 +277,11 @@ class ModemConnection:
         await self.close()
 
     @property
+    def path(self) -> str:
+        """The serial port's path."""
+        return self._port.path
+
+    @property
     def state(self) -> State:
         """The dialler core's state."""
         return self._core.state
@@ -495,4 +502,61 @@ class ModemConnection:
         self._readable.set()
 
 
-__all__ = ["DEFAULT_BAUDRATE", "ModemConnection", "ModemPort"]
+class ModemTransport:
+    """A connected call as a :class:`~firmware.common.adapters.transport.Transport`.
+
+    This is what the :class:`~firmware.common.link.link.Link` facade runs on:
+    ``read`` returns b"" when the carrier is lost (the Link reports LinkDown),
+    ``write`` waits until the port has taken the bytes, and ``aclose`` hangs
+    up the call (the port stays open for the next one) unless
+    ``hang_up_on_close`` is False.  A write after carrier loss raises
+    PortError; any call after ``aclose`` raises LinkClosed.
+    """
+
+    def __init__(self, connection: ModemConnection, *, hang_up_on_close: bool = True) -> None:
+        self._conn = connection
+        self._hang_up_on_close = hang_up_on_close
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        """``modem:<port path>``."""
+        return f"modem:{self._conn.path}"
+
+    async def read(self) -> bytes:
+        """Return the next bytes of the call, or b"" once it is over.
+
+        Raises PortError if the port failed, LinkClosed once closed locally.
+        """
+        self._check_open()
+        data = await self._conn.read()
+        self._check_open()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Send all of ``data`` and wait until the port has taken it.
+
+        Raises PortError if the carrier or the port is gone, LinkClosed once closed.
+        """
+        self._check_open()
+        try:
+            self._conn.write(data)
+        except NoCarrier as e:
+            raise PortError(f"{self.name}: {e}") from e
+        await self._conn.drain()
+
+    async def aclose(self) -> None:
+        """Hang up (unless told not to); errors while hanging up are ignored.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._hang_up_on_close:
+            with contextlib.suppress(ModemError, PortError):
+                await self._conn.hangup()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LinkClosed(f"{self.name} is closed")
+
+
+__all__ = ["DEFAULT_BAUDRATE", "ModemConnection", "ModemPort", "ModemTransport"]

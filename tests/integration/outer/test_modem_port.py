@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 
 import pytest
 
-from firmware.common.errors import PortError
+from firmware.common.adapters.tcp import serve_tcp
+from firmware.common.adapters.transport import Transport
+from firmware.common.errors import LinkClosed, LinkError, PortError
+from firmware.common.link import messages as m
+from firmware.common.link.link import Link
+from firmware.common.link.session import Role, SessionConfig
 from firmware.outer.modem.dialler import DiallerConfig, State
 from firmware.outer.modem.errors import (
     Busy,
@@ -17,7 +23,7 @@ from firmware.outer.modem.errors import (
     NoAnswer,
     NoCarrier,
 )
-from firmware.outer.modem.port import ModemConnection
+from firmware.outer.modem.port import ModemConnection, ModemTransport
 from host_tools.sim.hayes import HayesConfig
 from host_tools.sim.modem import ModemEmulator
 
@@ -337,5 +343,50 @@ async def test_carrier_drop_also_hangs_up_the_far_end() -> None:
             assert len(got) == 300
             await asyncio.wait_for(far_end_saw_eof.wait(), 5)
     finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.timeout(30)
+async def test_link_session_runs_over_a_modem_call() -> None:
+    """The framed Link facade, unchanged, over a dialled call to central on TCP."""
+    call_over = asyncio.Event()
+
+    async def echo(msg: m.Message) -> m.Message | None:
+        assert isinstance(msg, m.LinkEcho)
+        return m.LinkEchoReply(nonce=msg.nonce, sent_at=msg.sent_at)
+
+    async def central(transport: Transport) -> None:
+        link = Link(transport, SessionConfig(role=Role.SERVER, baud=33600), rng=random.Random(1))
+        serving = asyncio.create_task(link.serve(echo))
+        await call_over.wait()
+        with contextlib.suppress(LinkError, PortError):
+            await link.aclose()
+        with contextlib.suppress(LinkError, PortError):
+            await serving
+
+    server = await serve_tcp("127.0.0.1", 0, central)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        async with rig(address=f"{host}:{port}", speed=33600) as (_, conn):
+            await conn.dial()
+            transport: Transport = ModemTransport(conn)
+            assert transport.name == f"modem:{conn.path}"
+            link = Link(
+                transport, SessionConfig(role=Role.CLIENT, baud=33600), rng=random.Random(2)
+            )
+            try:
+                await link.wait_up(10)
+                for nonce in (b"\x00NO CARRIER\r\n+++", bytes(range(256)) * 4):
+                    request = m.LinkEcho(nonce=nonce[:64], sent_at=2.5)
+                    reply = await link.request(request, expect=m.LinkEchoReply, timeout=10)
+                    assert reply.nonce == nonce[:64]
+            finally:
+                await link.aclose()  # hangs the call up
+            assert conn.state is State.IDLE
+            with pytest.raises(LinkClosed):
+                await transport.read()
+    finally:
+        call_over.set()
         server.close()
         await server.wait_closed()
