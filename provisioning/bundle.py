@@ -122,6 +122,10 @@ class ManifestError(BundleError):
     """A manifest is missing a field, names an unknown runtime or has an invalid value."""
 
 
+class ParamsError(BundleError):
+    """A call's parameters do not match the service's ``[params]`` schema."""
+
+
 class BundleSignatureError(BundleError):
     """A bundle is unsigned, signed by another key, or its signature does not verify."""
 
@@ -398,6 +402,22 @@ def params_schema(manifest: Manifest) -> dict[str, Any]:
     """Return a mutable copy of the manifest's JSON Schema (for a jsonschema validator)."""
     result: dict[str, Any] = _thaw(manifest.params)
     return result
+
+
+def validate_params(manifest: Manifest, params: object) -> None:
+    """Check a call's parameters against the manifest's JSON Schema.
+
+    Returns None when they match.  Raises ParamsError naming the first
+    offending location ("params.password: ...") otherwise.
+    """
+    schema = params_schema(manifest)
+    validator_cls = jsonschema.validators.validator_for(
+        schema, default=jsonschema.Draft202012Validator
+    )
+    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(params))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path)
+        raise ParamsError(f"params{'.' + where if where else ''}: {error.message}")
 
 
 # --------------------------------------------------------------------------- packing

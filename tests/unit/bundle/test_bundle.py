@@ -271,3 +271,16 @@ def test_mutated_manifest_text_parses_or_raises_manifest_error(data: st.DataObje
         return
     # Whatever parsed must survive the round trip through a bundle unchanged.
     assert manifest_from_dict(manifest.to_dict()) == manifest
+
+
+def test_params_are_validated_against_the_schema() -> None:
+    from provisioning.bundle import ParamsError, validate_params
+
+    manifest = parse_manifest((REFERENCE / "doc-encrypt" / "manifest.toml").read_text())
+    validate_params(manifest, {"op": "encrypt", "password": "x"})
+    with pytest.raises(ParamsError, match=r"^params\.op: 'zip' is not one of"):
+        validate_params(manifest, {"op": "zip", "password": "x"})
+    with pytest.raises(ParamsError, match="'password' is a required property"):
+        validate_params(manifest, {"op": "encrypt"})
+    with pytest.raises(ParamsError, match="is not of type 'object'"):
+        validate_params(manifest, ["op"])
