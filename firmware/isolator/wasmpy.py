@@ -149,3 +149,87 @@ class MicroPythonServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+VIRTUAL_BOARD_SCRIPT = NODE_DIR / "virtualboard.mjs"
+VIRTUAL_DIR = Path(__file__).with_name("virtual")
+#: What the virtual board preloads: its ``machine`` and ``_thread`` and their fakes.
+VIRTUAL_FILES = (
+    VIRTUAL_DIR / "machine.py",
+    VIRTUAL_DIR / "_thread.py",
+    Path(__file__).with_name("fakeboard.py"),
+)
+
+
+class VirtualBoard:
+    """A MicroPython console on a local TCP port that mpremote can flash and query.
+
+    ``url`` (``socket://127.0.0.1:PORT``) goes where a serial device would.
+    The board runs MicroPython's WebAssembly port with virtual hardware
+    (firmware/isolator/virtual/); see node/virtualboard.mjs for what it does
+    not model.  :meth:`close` ends the process and waits for it.
+    """
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        why = missing()
+        if why is not None:
+            raise MicroPythonUnavailable(why)
+        self._proc = subprocess.Popen(
+            ["node", str(VIRTUAL_BOARD_SCRIPT), *(str(f) for f in VIRTUAL_FILES)],
+            cwd=NODE_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            self.url = f"socket://127.0.0.1:{self._read_port(timeout)}"
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_port(self, timeout: float) -> int:
+        proc = self._proc
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MicroPythonCallError("the virtual board did not start listening")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, _READ_CHUNK)
+                if not chunk:
+                    raise MicroPythonCallError("the virtual board exited at start")
+                buf += chunk
+        word, _, port = buf.partition(b"\n")[0].decode().partition(" ")
+        if word != "listening" or not port.isdigit():
+            raise MicroPythonCallError(f"unexpected start line {buf!r}")
+        return int(port)
+
+    def close(self) -> None:
+        """Stop the board (closing its input) and wait for the process."""
+        proc = self._proc
+        if proc.stdin is not None and not proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=DEFAULT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> "VirtualBoard":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
