@@ -12,9 +12,12 @@ clock, so every scenario below runs under a fake clock in the tests.
 
 Originating a call (``dial``)::
 
-    IDLE -> RESETTING   ATZ, expect OK (ERROR or silence: ATZ again, up to
-                        RESET_ATTEMPTS; some modems answer ERROR to the first
-                        command after power-up)
+    IDLE -> RESETTING   ATZ, expect OK; ERROR: ATZ again, up to RESET_ATTEMPTS
+                        (some modems answer ERROR to the first command after
+                        power-up); silence: the modem may still be online,
+                        left in a call by a predecessor that crashed, so
+                        escape with a guarded +++ (RESET_ESCAPE) before the
+                        next ATZ, which ends that call
          -> RESET_PAUSE the modem reloads its profile after ATZ
          -> INITIALISING the init string (default ATQ0 V1 E1 S0=0 &C1 &D2)
          -> DIALLING    ATDT<number>; wait up to carrier_timeout for a result
@@ -172,6 +175,8 @@ class State(enum.Enum):
 
     IDLE = "idle"
     RESETTING = "resetting"
+    RESET_ESCAPE = "reset escape"
+    RESET_ESCAPE_WAIT = "reset escape wait"
     RESET_PAUSE = "reset pause"
     INITIALISING = "initialising"
     DIALLING = "dialling"
@@ -415,7 +420,7 @@ class Dialler:
         if self._state is State.ONLINE:
             self._data_in(data, now)
             return
-        if self._state in (State.IDLE, State.DTR_LOW, State.ESCAPE_GUARD):
+        if self._state in (State.IDLE, State.DTR_LOW, State.ESCAPE_GUARD, State.RESET_ESCAPE):
             # idle chatter, or the tail of the data stream while we hang up
             self._stats["discarded_bytes"] += len(data)
             return
@@ -617,7 +622,12 @@ class Dialler:
                     return
                 self._go_online(result, now)
             return
-        if state is State.RESETTING:
+        if state is State.RESET_ESCAPE_WAIT:
+            # whatever the escape got (OK, or ERROR from a modem that was in
+            # command state after all), the modem now listens: reset it
+            self._parser.reset()
+            self._command("ATZ", now, State.RESETTING, self.config.command_timeout)
+        elif state is State.RESETTING:
             if code is ResultCode.OK:
                 self._enter(State.RESET_PAUSE, now + self.config.reset_pause)
             else:
@@ -653,7 +663,24 @@ class Dialler:
     # ------------------------------------------------------------ timeouts
 
     def _timeout_resetting(self, now: float) -> None:
-        self._retry_reset(ModemTimeout("no answer to ATZ"), now)
+        if self._reset_tries >= RESET_ATTEMPTS:
+            self._fail(ModemTimeout("no answer to ATZ"))
+            return
+        self._reset_tries += 1
+        self._parser.reset()
+        guard = self.config.escape_guard + GUARD_MARGIN
+        self._enter(State.RESET_ESCAPE, max(now, self._last_tx + guard))
+
+    def _timeout_reset_escape(self, now: float) -> None:
+        self._out += b"+++"
+        self._last_tx = now
+        # the modem answers one guard time after the +++, if it was online
+        wait = self.config.escape_guard + GUARD_MARGIN + self.config.command_timeout
+        self._enter(State.RESET_ESCAPE_WAIT, now + wait)
+
+    def _timeout_reset_escape_wait(self, now: float) -> None:
+        self._parser.reset()
+        self._command("ATZ", now, State.RESETTING, self.config.command_timeout)
 
     def _timeout_reset_pause(self, now: float) -> None:
         self._next_init(now)

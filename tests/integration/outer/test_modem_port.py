@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator
 
 import pytest
+import serial
 
 from firmware.common.adapters.tcp import serve_tcp
 from firmware.common.adapters.transport import Transport
@@ -390,3 +391,24 @@ async def test_link_session_runs_over_a_modem_call() -> None:
         call_over.set()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.timeout(30)
+async def test_modem_left_online_by_a_crashed_predecessor() -> None:
+    async with echo_server() as address, emulator(address) as modem:
+        # the predecessor configured the modem, dialled, and died mid-call
+        # without hanging up (a pty has no DTR to drop when it closes)
+        predecessor = serial.Serial(modem.port_path, 115200, timeout=0)
+        try:
+            predecessor.write(b"ATS12=10D5551234\r")
+            deadline = asyncio.get_running_loop().time() + 5
+            while modem.core.state.value != "online":
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            predecessor.close()
+        async with await ModemConnection.open(modem.port_path, fast_config()) as conn:
+            await conn.dial()
+            conn.write(b"fresh call")
+            assert await read_exactly(conn, 10) == b"fresh call"
+            assert modem.core.statistics()["connects"] == 2

@@ -121,15 +121,34 @@ def test_error_to_first_command_after_power_up_is_retried() -> None:
 def test_silent_modem_fails_after_three_resets() -> None:
     rig = Rig()
     rig.d.dial(rig.now)
-    for _ in range(3):
-        assert rig.sent() == b"ATZ\r"
+    assert rig.sent() == b"ATZ\r"
+    for _ in range(2):
         rig.advance(5.0)
+        assert rig.sent() == b"+++"  # the ATZ was sent long enough ago to be the guard
+        rig.advance(1.2 + 5.0)
+        assert rig.sent() == b"ATZ\r"
+    rig.advance(5.0)
     [event] = rig.events()
     assert isinstance(event, CallFailed)
     assert isinstance(event.error, ModemTimeout)
     assert event.attempts == 0
     assert rig.d.state is State.IDLE
     assert rig.d.next_deadline() is None
+
+
+def test_modem_left_online_is_escaped_before_the_next_reset() -> None:
+    rig = Rig()
+    rig.d.dial(rig.now)
+    assert rig.sent() == b"ATZ\r"
+    rig.modem(b"\x00far end data, and our ATZ went to the far end\r\n")
+    rig.advance(5.0)
+    rig.modem(b"more data while we keep silent")
+    assert rig.sent() == b"+++"
+    rig.advance(1.0)
+    rig.modem(b"\r\nOK\r\n")
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")  # Z in online-command state ends that call
+    assert rig.d.state is State.RESET_PAUSE
+    assert rig.events() == []
 
 
 def test_rejected_init_string_fails_without_dialling() -> None:
