@@ -1,0 +1,238 @@
+"""The gateway protocol core: auth, fetch, sync and usage, opened with a real inner key."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from central_stub import admin
+from central_stub.gateway import MAX_AUTH_FAILURES, AuthState, CentralService, GatewayConnection
+from central_stub.testing import TempCentral, make_central
+from firmware.common.crypto.freshness import SyncVerifier
+from firmware.common.crypto.keys import SigningKey
+from firmware.common.crypto.sealed import Kind, open_sealed, verify_sealed
+from firmware.common.licence import Allow, Revoked, evaluate
+from firmware.common.link import messages as m
+from firmware.common.uplink import UsageRecord, auth_transcript, decode_usage_ack, sign_usage_batch
+from provisioning.bundle import load_bundle
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+NOW = int(time.time())
+
+
+@pytest.fixture
+def central(tmp_path: Path) -> TempCentral:
+    return make_central(tmp_path, now=NOW, gateways=2)
+
+
+def _service(central: TempCentral) -> CentralService:
+    return CentralService(central.repo, central.key, sync_expiry=7 * 86400)
+
+
+def _authed(central: TempCentral, svc: CentralService, name: str = "gw1") -> GatewayConnection:
+    conn = GatewayConnection(svc, "test-peer")
+    challenge = conn.handle(m.AuthBegin(gateway_id=name), NOW)
+    assert isinstance(challenge, m.AuthChallenge)
+    proof = central.gateways[name].outer.sign(
+        auth_transcript(name, challenge.nonce, central.key.key_id)
+    )
+    assert isinstance(conn.handle(m.AuthProof(signature=proof), NOW), m.AuthOk)
+    assert conn.state is AuthState.AUTHENTICATED
+    return conn
+
+
+def _audit_actions(central: TempCentral) -> list[str]:
+    return [e.action for e in central.repo.snapshot().list_audit()]
+
+
+def _code(reply: m.Message) -> str:
+    assert isinstance(reply, m.Error), reply
+    return reply.code
+
+
+def test_nothing_is_served_before_authentication(central: TempCentral) -> None:
+    conn = GatewayConnection(_service(central), "p")
+    for msg in (m.Sync(since_version=0), m.FetchService(service="echo"), m.Status()):
+        assert _code(conn.handle(msg, NOW)) == "auth_required"
+    assert _code(conn.handle(m.AuthProof(signature=b"x" * 64), NOW)) == "auth_required"
+
+
+def test_unknown_gateway_is_refused_and_audited(central: TempCentral) -> None:
+    conn = GatewayConnection(_service(central), "p")
+    assert _code(conn.handle(m.AuthBegin(gateway_id="nobody"), NOW)) == "unknown_gateway"
+    assert "gateway.unknown_gateway" in _audit_actions(central)
+
+
+def test_revoked_gateway_is_refused_even_on_an_open_connection(central: TempCentral) -> None:
+    svc = _service(central)
+    conn = _authed(central, svc)
+    admin.revoke_gateway(central.repo, "gw1", now=NOW, actor="test")
+    assert _code(conn.handle(m.Sync(since_version=0), NOW)) == "gateway_revoked"
+    fresh = GatewayConnection(svc, "p2")
+    assert _code(fresh.handle(m.AuthBegin(gateway_id="gw1"), NOW)) == "gateway_revoked"
+    assert _audit_actions(central).count("gateway.gateway_revoked") == 2
+
+
+def test_bad_signature_is_refused_and_the_nonce_is_single_use(central: TempCentral) -> None:
+    svc = _service(central)
+    conn = GatewayConnection(svc, "p")
+    challenge = conn.handle(m.AuthBegin(gateway_id="gw1"), NOW)
+    assert isinstance(challenge, m.AuthChallenge)
+    # signed by another gateway's key, and then a correct proof for the spent nonce
+    wrong = central.gateways["gw2"].outer.sign(
+        auth_transcript("gw1", challenge.nonce, central.key.key_id)
+    )
+    assert _code(conn.handle(m.AuthProof(signature=wrong), NOW)) == "bad_signature"
+    right = central.gateways["gw1"].outer.sign(
+        auth_transcript("gw1", challenge.nonce, central.key.key_id)
+    )
+    assert _code(conn.handle(m.AuthProof(signature=right), NOW)) == "auth_required"
+    assert conn.state is AuthState.ANONYMOUS
+    assert "gateway.bad_signature" in _audit_actions(central)
+
+
+def test_a_proof_for_another_central_does_not_verify(central: TempCentral) -> None:
+    conn = GatewayConnection(_service(central), "p")
+    challenge = conn.handle(m.AuthBegin(gateway_id="gw1"), NOW)
+    assert isinstance(challenge, m.AuthChallenge)
+    other = SigningKey.generate().key_id
+    proof = central.gateways["gw1"].outer.sign(auth_transcript("gw1", challenge.nonce, other))
+    assert _code(conn.handle(m.AuthProof(signature=proof), NOW)) == "bad_signature"
+
+
+def test_repeated_failures_close_the_connection(central: TempCentral) -> None:
+    conn = GatewayConnection(_service(central), "p")
+    for _ in range(MAX_AUTH_FAILURES):
+        assert not conn.should_close
+        conn.handle(m.AuthBegin(gateway_id="ghost"), NOW)
+    assert conn.should_close
+
+
+def test_sync_opens_with_the_inner_key_and_lists_what_fetch_returns(central: TempCentral) -> None:
+    svc = _service(central)
+    conn = _authed(central, svc)
+    gw = central.gateways["gw1"]
+    verifier = SyncVerifier(recipient=gw.inner_hpke, central=central.public, gateway="gw1")
+    data = conn.handle(m.Sync(since_version=0), NOW)
+    assert isinstance(data, m.SyncData)
+    opened = verifier.accept_sync_metadata(data.sealed, NOW)
+    assert opened.header.created == NOW
+    assert opened.header.expires == NOW + 7 * 86400
+    licences = verifier.accept_licence_set(data.sealed_licences, NOW)
+    api_key = next(iter(central.api_keys.values()))
+    assert isinstance(evaluate(licences, service="echo", now=NOW, api_key=api_key), Allow)
+
+    service = conn.handle(m.FetchService(service="echo", have_version=None), NOW)
+    assert isinstance(service, m.Service)
+    assert service.sealed_licence == data.sealed_licences  # same bytes: listed in the metadata
+    bundle = verifier.accept_object(service.sealed_bundle, Kind.BUNDLE, "echo", NOW)
+    assert load_bundle(bundle.payload).to_bytes() == central.bundle
+
+    again = conn.handle(m.FetchService(service="echo", have_version=1), NOW)
+    assert isinstance(again, m.Service)
+    assert again.sealed_bundle == b""  # already installed: not sent again
+
+
+def test_sync_is_idempotent_and_metadata_versions_only_grow(central: TempCentral) -> None:
+    svc = _service(central)
+    conn = _authed(central, svc)
+    first = conn.handle(m.Sync(since_version=0), NOW)
+    second = conn.handle(m.Sync(since_version=0), NOW)
+    assert isinstance(first, m.SyncData)
+    assert isinstance(second, m.SyncData)
+    assert first.sealed_licences == second.sealed_licences
+    v1 = verify_sealed(first.sealed, central.public).version
+    v2 = verify_sealed(second.sealed, central.public).version
+    assert v2 > v1
+    # a new service instance (a restart) continues above every version handed out
+    restarted = _authed(central, _service(central))
+    third = restarted.handle(m.Sync(since_version=0), NOW)
+    assert isinstance(third, m.SyncData)
+    assert verify_sealed(third.sealed, central.public).version > v2
+
+
+def test_revocation_and_payment_reach_the_gateway_by_sync(central: TempCentral) -> None:
+    svc = _service(central)
+    conn = _authed(central, svc)
+    gw = central.gateways["gw1"]
+    verifier = SyncVerifier(recipient=gw.inner_hpke, central=central.public, gateway="gw1")
+    data = conn.handle(m.Sync(since_version=0), NOW)
+    assert isinstance(data, m.SyncData)
+    verifier.accept_sync_metadata(data.sealed, NOW)
+    verifier.accept_licence_set(data.sealed_licences, NOW)
+    admin.revoke_licence(central.repo, "lic-000001", now=NOW, actor="test")
+    data = conn.handle(m.Sync(since_version=0), NOW + 1)
+    assert isinstance(data, m.SyncData)
+    verifier.accept_sync_metadata(data.sealed, NOW + 1)
+    licences = verifier.accept_licence_set(data.sealed_licences, NOW + 1)
+    api_key = next(iter(central.api_keys.values()))
+    assert isinstance(evaluate(licences, service="echo", now=NOW + 1, api_key=api_key), Revoked)
+    # a revoked licence's service is no longer served
+    assert _code(conn.handle(m.FetchService(service="echo"), NOW + 1)) == "not_licensed"
+
+
+def test_unknown_service_is_refused(central: TempCentral) -> None:
+    conn = _authed(central, _service(central))
+    assert _code(conn.handle(m.FetchService(service="nope"), NOW)) == "unknown_service"
+
+
+def _batch(central: TempCentral, batch_id: str, units: int = 1, gateway: str = "gw1") -> bytes:
+    key_hash = central.repo.snapshot().list_client_keys("acme")[0].key_hash
+    return sign_usage_batch(
+        central.gateways[gateway].inner_signing,
+        gateway=gateway,
+        batch_id=batch_id,
+        created=NOW,
+        records=[UsageRecord(NOW, "echo", "lic-000001", key_hash, units)] * 3,
+    )
+
+
+def test_usage_is_stored_exactly_once_and_acknowledged_signed(central: TempCentral) -> None:
+    conn = _authed(central, _service(central))
+    batch = _batch(central, "b-1")
+    ack = conn.handle(m.UsageReport(batch=batch), NOW)
+    assert isinstance(ack, m.UsageAck)
+    assert ack.batch_id == "b-1"
+    gw = central.gateways["gw1"]
+    opened = open_sealed(
+        ack.sealed_ack, gw.inner_hpke, central.public, now=NOW, expected_kind=Kind.USAGE_ACK
+    )
+    payload = decode_usage_ack(opened.payload)
+    assert (payload.batch_id, payload.records, payload.gateway) == ("b-1", 3, "gw1")
+
+    replay = conn.handle(m.UsageReport(batch=batch), NOW + 5)
+    assert isinstance(replay, m.UsageAck)
+    assert replay.sealed_ack == ack.sealed_ack  # the same ack, nothing new stored
+    month = time.strftime("%Y-%m", time.gmtime(NOW))
+    lines = admin.usage_report(central.repo, "acme", month)
+    assert [(u.calls, u.units) for u in lines] == [(3, 3)]
+    actions = _audit_actions(central)
+    assert actions.count("usage.store") == 1
+    assert actions.count("usage.duplicate") == 1
+
+
+def test_usage_conflict_forgery_and_wrong_gateway_store_nothing(central: TempCentral) -> None:
+    conn = _authed(central, _service(central))
+    assert isinstance(conn.handle(m.UsageReport(batch=_batch(central, "b-1")), NOW), m.UsageAck)
+    before = central.repo.snapshot().list_usage("acme", 0, 2**62)
+    other = _batch(central, "b-1", units=9)
+    assert _code(conn.handle(m.UsageReport(batch=other), NOW)) == "usage_conflict"
+    forged = bytearray(_batch(central, "b-2"))
+    forged[-1] ^= 1
+    assert _code(conn.handle(m.UsageReport(batch=bytes(forged)), NOW)) == "bad_usage_batch"
+    signed_by_gw2 = _batch(central, "b-3", gateway="gw2")
+    assert _code(conn.handle(m.UsageReport(batch=signed_by_gw2), NOW)) == "bad_usage_batch"
+    assert central.repo.snapshot().list_usage("acme", 0, 2**62) == before
+    actions = _audit_actions(central)
+    assert {"gateway.usage_conflict", "gateway.bad_usage_batch"} <= set(actions)
+
+
+def test_status_reports_the_gateway_entitlement(central: TempCentral) -> None:
+    conn = _authed(central, _service(central))
+    report = conn.handle(m.Status(), NOW)
+    assert isinstance(report, m.StatusReport)
+    assert report.fields["gateway"] == "gw1"
+    assert report.fields["bundles"] == 1
