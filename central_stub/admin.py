@@ -94,10 +94,10 @@ def parse_time(text: str, *, end_of_day: bool = False) -> int:
                 t += datetime.timedelta(days=1, seconds=-1)
         else:
             t = datetime.datetime.fromisoformat(text)
-            if t.tzinfo is None:
-                raise InvalidInput(f"time {text!r} needs a zone (Z or +HH:MM)")
     except ValueError as e:
         raise InvalidInput(f"bad date {text!r}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ") from e
+    if t.tzinfo is None:
+        raise InvalidInput(f"time {text!r} needs a zone (Z or +HH:MM)")
     seconds = int(t.timestamp())
     if seconds < 0:
         raise InvalidInput(f"date {text!r} is before 1970")
