@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help).  Keep alphabetical within each group.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("provisioning.bundle_cli", "pack and inspect service bundles"),
+    "central": ("central_stub.cli", "the central server: administer and run it"),
     "keys": ("provisioning.keys_cli", "make central and gateway keys, issue API keys"),
     "isolator": ("firmware.isolator.cli", "flash / status of the optical isolation module"),
     "call": ("host_tools.call", "run a service on a gateway (for any program, via subprocess)"),
