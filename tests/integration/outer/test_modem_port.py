@@ -12,7 +12,7 @@ import serial
 
 from firmware.common.adapters.tcp import serve_tcp
 from firmware.common.adapters.transport import Transport
-from firmware.common.errors import LinkClosed, LinkError, PortError
+from firmware.common.errors import LinkClosed, LinkDown, LinkError, PortError
 from firmware.common.link import messages as m
 from firmware.common.link.link import Link
 from firmware.common.link.session import Role, SessionConfig
@@ -351,7 +351,7 @@ async def test_carrier_drop_also_hangs_up_the_far_end() -> None:
 @pytest.mark.timeout(30)
 async def test_link_session_runs_over_a_modem_call() -> None:
     """The framed Link facade, unchanged, over a dialled call to central on TCP."""
-    call_over = asyncio.Event()
+    central_done = asyncio.Event()
 
     async def echo(msg: m.Message) -> m.Message | None:
         assert isinstance(msg, m.LinkEcho)
@@ -359,12 +359,14 @@ async def test_link_session_runs_over_a_modem_call() -> None:
 
     async def central(transport: Transport) -> None:
         link = Link(transport, SessionConfig(role=Role.SERVER, baud=33600), rng=random.Random(1))
-        serving = asyncio.create_task(link.serve(echo))
-        await call_over.wait()
-        with contextlib.suppress(LinkError, PortError):
-            await link.aclose()
-        with contextlib.suppress(LinkError, PortError):
-            await serving
+        try:
+            # serve() ends with LinkDown once the caller hangs up
+            with pytest.raises(LinkDown):
+                await link.serve(echo)
+            with contextlib.suppress(LinkError, PortError):
+                await link.aclose()
+        finally:
+            central_done.set()
 
     server = await serve_tcp("127.0.0.1", 0, central)
     host, port = server.sockets[0].getsockname()[:2]
@@ -387,8 +389,8 @@ async def test_link_session_runs_over_a_modem_call() -> None:
             assert conn.state is State.IDLE
             with pytest.raises(LinkClosed):
                 await transport.read()
+            await asyncio.wait_for(central_done.wait(), 5)
     finally:
-        call_over.set()
         server.close()
         await server.wait_closed()
 
