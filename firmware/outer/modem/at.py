@@ -92,7 +92,8 @@ _VERBOSE: Final[dict[str, ResultCode]] = {
     "NO ANSWER": ResultCode.NO_ANSWER,
 }
 
-_CONNECT_RE: Final = re.compile(r"^CONNECT(?:\s*(\d+))?\s*(.*)$")
+#: CONNECT, then nothing, a space or a slash: "CONNECTED TO ..." is not a result.
+_CONNECT_RE: Final = re.compile(r"^CONNECT(?=$|[\s/])(?:\s*(\d+))?\s*(.*)$")
 _CME_RE: Final = re.compile(r"^\+CM[ES] ERROR\b")
 _NUMERIC_RE: Final = re.compile(r"^\d{1,2}$")
 

@@ -60,6 +60,7 @@ def test_verbose_final_results(text: str, code: ResultCode) -> None:
         ("CONNECT 26400/ARQ", 26400, "ARQ"),
         ("CONNECT 31200 / V.34 / LAPM", 31200, "V.34 / LAPM"),
         ("CONNECT 1200/REL", 1200, "REL"),
+        ("CONNECT/ARQ", None, "ARQ"),
     ],
 )
 def test_connect_speed_and_suffix(line: str, speed: int | None, protocol: str) -> None:
@@ -92,10 +93,11 @@ def test_ring_is_unsolicited_in_both_forms() -> None:
 
 
 def test_register_values_and_unknown_numbers_are_information() -> None:
-    assert events_of(b"\r\n050\r\n\r\n99\r\n\r\nU.S. Robotics 56K\r\n") == [
+    assert events_of(b"\r\n050\r\n\r\n99\r\n\r\nU.S. Robotics 56K\r\n\r\nCONNECTED\r\n") == [
         InformationLine("050"),
         InformationLine("99"),
         InformationLine("U.S. Robotics 56K"),
+        InformationLine("CONNECTED"),
     ]
 
 
