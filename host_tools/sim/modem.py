@@ -137,7 +137,11 @@ class ModemEmulator:
         self._master, self._slave = master, slave
         loop.add_reader(master, self._on_dte_readable)
         if self._listen is not None:
-            self._server = await asyncio.start_server(self._on_call, *self._listen)
+            try:
+                self._server = await asyncio.start_server(self._on_call, *self._listen)
+            except OSError:
+                await self.aclose()
+                raise
             host, port = self._server.sockets[0].getsockname()[:2]
             self.listen_address = f"{host}:{port}"
         self._run_task = asyncio.create_task(self._run(), name="modem-emulator")

@@ -55,7 +55,8 @@ up), raise it again, and check with ``AT`` -> OK.  Without them (a pty), or if
 the modem stays silent: the escape sequence -- ``guard`` seconds without
 sending, ``+++``, ``guard`` seconds of silence, expect OK -- then ``ATH0``.
 Our frames start with a 0x00 delimiter, so link traffic never looks like a
-guarded ``+++``.
+guarded ``+++``.  A hang-up while a call is being dialled or answered sends a
+CR, which makes the modem abandon it.
 """
 
 from __future__ import annotations

@@ -113,8 +113,10 @@ class ModemPort:
         port.rts = True
         try:
             port.open()
-            port.reset_input_buffer()
+            port.reset_input_buffer()  # stale bytes are from before our time
         except (serial.SerialException, OSError) as e:
+            with contextlib.suppress(serial.SerialException, OSError):
+                port.close()
             raise PortError(f"cannot open {self.path}: {e}") from e
         self._serial = port
         self._fd = port.fileno()

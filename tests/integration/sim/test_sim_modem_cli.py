@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,3 +102,20 @@ def test_stdout_is_one_line_only(
     assert proc.wait(10) == 0
     assert proc.stdout is not None
     assert proc.stdout.read() == b""
+
+
+@pytest.mark.timeout(30)
+def test_listen_address_in_use_exits_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        result = subprocess.run(
+            [sys.executable, "-m", "host_tools.cli", "sim", "modem", "--listen", f"{host}:{port}"],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert b"error" in result.stderr
