@@ -1,0 +1,564 @@
+"""The LAN API (docs/api.md): aiohttp handlers over the trust state, builder and meter.
+
+Theory of operation
+-------------------
+Every request passes two middlewares before its handler:
+
+1. **errors** turns every refusal into the JSON error body of docs/api.md
+   (``{"error": {"code", "message", ...}}``) with its stable code, and any
+   unexpected exception into a 500 that reveals nothing (the operator's log
+   gets the exception's type).
+2. **auth**: every path but ``GET /v1/health`` needs ``Authorization:
+   Bearer <key>`` naming a key some licence lists.  Addresses with too many
+   failures get 429 (:mod:`firmware.inner.limiter`).  Unknown paths are
+   authenticated first too, so nothing but health answers a stranger.
+
+A call (``POST /v1/services/{service}/call``) then goes: licence decision
+(:meth:`GatewayTrust.decide` at trusted time; an expired licence or missing
+sync first asks the outer module for a fresh sync, bounded) -> body in one
+of three forms, size- and rate-limited -> service built or built now
+(single flight, :mod:`firmware.inner.builder`) -> parameters against the
+manifest's JSON Schema -> the runtime -> a usage record made durable ->
+the answer.  Bodies are read with a per-chunk idle timeout and a minimum
+average rate, so a slow client cannot hold a worker slot.
+
+The handlers hold no state of their own beyond counters: the trust state,
+builder and journal are passed in by the composition root (``app.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import cbor2
+from aiohttp import web
+
+from firmware.common.crypto.apikeys import find_hash, hash_api_key, is_api_key_shaped
+from firmware.common.crypto.sealed import Kind
+from firmware.common.errors import OptogateError
+from firmware.common.licence import (
+    Allow,
+    NotLicensed,
+    PaymentRequired,
+    Revoked,
+    UnknownCredential,
+)
+from firmware.inner.builder import ServiceBuilder, ServiceUnavailable
+from firmware.inner.config import ApiConfig, LinkConfig
+from firmware.inner.limiter import FailureLimiter
+from firmware.inner.metering import UsageEntry, UsageJournal
+from firmware.inner.observe import PROMETHEUS_CONTENT_TYPE, EventLog, Metrics
+from firmware.inner.runtimes.base import (
+    AlgorithmError,
+    AlgorithmTimeout,
+    Invocation,
+    ResultTooLarge,
+    RuntimeFailure,
+    RuntimeUnavailable,
+)
+from firmware.inner.trust import GatewayTrust, SyncRequired
+
+JSON: Final = "application/json"
+OCTETS: Final = "application/octet-stream"
+CBOR: Final = "application/cbor"
+PARAMS_HEADER: Final = "Optogate-Params"
+RESULT_HEADER: Final = "Optogate-Result"
+#: Service names as the bundle format allows them.
+SERVICE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+#: CBOR and JSON bodies nest a parameters object; deeper is an attack.
+MAX_NESTING: Final = 64
+#: Where the auth middleware leaves the caller's key hash for the handlers.
+KEY_HASH: Final = web.RequestKey("key_hash", str)
+#: A body shorter than this may take the whole idle timeout to arrive.
+RATE_GRACE_BYTES: Final = 64 * 1024
+
+
+class ApiError(OptogateError):
+    """An answer other than 2xx, with its status and stable code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra or {}
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        """Return the JSON error response."""
+        body = {"error": {"code": self.code, "message": self.message, **self.extra}}
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
+        if self.status in {408, 413}:
+            headers["Connection"] = "close"
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+def iso(ts: int) -> str:
+    """Return Unix seconds as an RFC 3339 UTC string."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """Return the JSON document in ``data``; raise ApiError 400 for anything malformed."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_request", f"{what} is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise ApiError(400, "bad_request", f"{what} is not valid JSON") from None
+
+
+def parse_cbor(data: bytes) -> tuple[Any, bytes]:
+    """Return ``(params, data)`` from a CBOR call body; raise ApiError 400 if malformed."""
+    try:
+        doc = cbor2.loads(data, max_depth=MAX_NESTING)
+    except Exception:  # hostile bytes make cbor2 raise many types
+        raise ApiError(400, "bad_request", "the body is not valid CBOR") from None
+    if not isinstance(doc, dict) or "params" not in doc or not set(doc) <= {"params", "data"}:
+        raise ApiError(400, "bad_request", 'a CBOR body is {"params": {...}, "data": bytes}')
+    blob = doc.get("data", b"")
+    if not isinstance(blob, bytes):
+        raise ApiError(400, "bad_request", "CBOR data must be a byte string")
+    return doc["params"], blob
+
+
+def _media_type(value: str) -> str:
+    return value.split(";", 1)[0].strip().lower()
+
+
+@dataclass(frozen=True)
+class Body:
+    """A parsed call: params, binary input, the request's form and the answer's."""
+
+    params: Any
+    data: bytes
+    size: int
+    answer: str
+
+
+class InnerApi:
+    """The LAN API; :meth:`app` returns the aiohttp application."""
+
+    def __init__(
+        self,
+        *,
+        config: ApiConfig,
+        link: LinkConfig,
+        trust: GatewayTrust,
+        builder: ServiceBuilder,
+        journal: UsageJournal,
+        refresh: Callable[[float], Awaitable[bool]],
+        metrics: Metrics,
+        log: EventLog,
+        health: Callable[[], dict[str, Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cfg = config
+        self._link = link
+        self._trust = trust
+        self._builder = builder
+        self._journal = journal
+        self._refresh = refresh
+        self._metrics = metrics
+        self._log = log
+        self._health = health
+        self._clock = clock
+        self._limiter = FailureLimiter(
+            config.max_auth_failures, config.auth_window_s, config.auth_block_s
+        )
+        self.accepting = True
+        self.in_flight = 0
+        for name, kind, text in (
+            ("optogate_inner_http_requests_total", "counter", "HTTP answers by path and status"),
+            ("optogate_inner_calls_total", "counter", "service calls by service and outcome"),
+            ("optogate_inner_auth_failures_total", "counter", "failed authentications"),
+            ("optogate_inner_call_seconds_total", "counter", "time spent in calls"),
+            ("optogate_inner_bytes_in_total", "counter", "call input bytes"),
+            ("optogate_inner_bytes_out_total", "counter", "call output bytes"),
+        ):
+            metrics.describe(name, kind, text)
+
+    # ------------------------------------------------------------------ app
+
+    def app(self) -> web.Application:
+        """Return the application with its routes and middlewares."""
+        app = web.Application(
+            middlewares=[self._errors, self._auth],
+            client_max_size=self._cfg.max_body_bytes,
+            handler_args={"max_field_size": self._cfg.max_header_bytes * 2},
+        )
+        app.router.add_get("/v1/health", self.health)
+        app.router.add_post("/v1/auth", self.auth)
+        app.router.add_get("/v1/services", self.services)
+        app.router.add_post("/v1/services/{service}/call", self.call)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    # ------------------------------------------------------------------ middlewares
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = "call" if request.path.endswith("/call") else request.path
+        try:
+            response = await handler(request)
+        except ApiError as e:
+            response = e.response()
+        except web.HTTPException as e:
+            response = self._http_error(e).response()
+        except Exception as e:  # never leak internals to the caller
+            self._log("internal_error", path=path, error=type(e).__name__)
+            response = ApiError(500, "internal_error", "internal error").response()
+        known = (
+            path
+            if path in {"call", "/v1/health", "/v1/auth", "/v1/services", "/metrics"}
+            else "other"
+        )
+        self._metrics.inc(
+            "optogate_inner_http_requests_total", {"path": known, "status": str(response.status)}
+        )
+        return response
+
+    @staticmethod
+    def _http_error(e: web.HTTPException) -> ApiError:
+        if e.status == 413:
+            return ApiError(413, "too_large", "the request body is too large")
+        if e.status == 404:
+            return ApiError(404, "not_found", "no such path")
+        if e.status == 405:
+            return ApiError(405, "method_not_allowed", "method not allowed on this path")
+        return ApiError(e.status if e.status >= 400 else 400, "bad_request", "bad request")
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path == "/v1/health" and request.method in {"GET", "HEAD"}:
+            return await handler(request)
+        if not self.accepting:
+            raise ApiError(503, "unavailable", "the gateway is shutting down", retry_after=5)
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if header_bytes > self._cfg.max_header_bytes:
+            raise ApiError(413, "too_large", f"headers over {self._cfg.max_header_bytes} bytes")
+        addr = request.remote or "?"
+        now = self._clock()
+        wait = self._limiter.retry_after(addr, now)
+        if wait is not None:
+            raise ApiError(
+                429, "too_many_failures", "too many failed authentications", retry_after=wait
+            )
+        key_hash = await self._known_key(request.headers.get("Authorization", ""))
+        if key_hash is None:
+            self._metrics.inc("optogate_inner_auth_failures_total")
+            blocked = self._limiter.failed(addr, now)
+            if blocked is not None:
+                self._log("auth_blocked", address=addr, seconds=blocked)
+            raise ApiError(401, "unauthorized", "a valid API key is required")
+        request[KEY_HASH] = key_hash
+        return await handler(request)
+
+    async def _known_key(self, header: str) -> str | None:
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not is_api_key_shaped(key):
+            return None
+        key_hash = hash_api_key(key)
+        if self._key_listed(key_hash):
+            return key_hash
+        if self._trust.licences is None:  # first start: nothing synced yet
+            await self._refresh(self._link.payment_sync_wait_s)
+            if self._trust.licences is None:
+                raise ApiError(
+                    503,
+                    "unavailable",
+                    "the gateway has not reached central yet",
+                    retry_after=self._link.retry_after_s,
+                )
+            if self._key_listed(key_hash):
+                return key_hash
+        return None
+
+    def _key_listed(self, key_hash: str) -> bool:
+        licences = self._trust.licences
+        if licences is None:
+            return False
+        found = False
+        for lic in licences.licences:  # every licence, no early exit
+            found = find_hash(key_hash, lic.credentials) or found
+        return found
+
+    # ------------------------------------------------------------------ handlers
+
+    async def health(self, request: web.Request) -> web.Response:
+        """``GET /v1/health``: liveness and a summary, no authentication."""
+        return web.json_response(self._health())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: Prometheus text format."""
+        return web.Response(
+            body=self._metrics.render().encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+        )
+
+    async def auth(self, request: web.Request) -> web.Response:
+        """``POST /v1/auth``: the key's customer and the services it may call."""
+        key_hash = request[KEY_HASH]
+        licences = self._trust.licences
+        assert licences is not None  # the auth middleware found the key in it
+        now = self._trust.now(self._clock())
+        mine = [
+            lic
+            for lic in licences.licences
+            if find_hash(key_hash, lic.credentials) and lic.licence_id not in licences.revoked
+        ]
+        customer = mine[0].customer if mine else ""
+        services = [
+            {
+                "service": lic.service,
+                "valid_until": iso(lic.valid_until),
+                "valid": lic.is_valid_at(now),
+            }
+            for lic in sorted(mine, key=lambda x: (x.service, x.licence_id))
+        ]
+        return web.json_response({"customer": customer, "services": services})
+
+    async def services(self, request: web.Request) -> web.Response:
+        """``GET /v1/services``: every service this key is licensed for, built or not."""
+        key_hash = request[KEY_HASH]
+        licences = self._trust.licences
+        assert licences is not None
+        meta = self._trust.verifier.metadata
+        now = self._trust.now(self._clock())
+        by_service: dict[str, Any] = {}
+        for lic in licences.licences:
+            if not find_hash(key_hash, lic.credentials) or lic.licence_id in licences.revoked:
+                continue
+            prev = by_service.get(lic.service)
+            if prev is None or lic.valid_until > prev.valid_until:
+                by_service[lic.service] = lic
+        out = []
+        for name, lic in sorted(by_service.items()):
+            loaded = self._builder.loaded.get(name)
+            ref = meta.find(Kind.BUNDLE, name) if meta is not None else None
+            out.append(
+                {
+                    "service": name,
+                    "built": loaded is not None,
+                    "version": loaded.version if loaded else (ref.version if ref else None),
+                    "licence": lic.licence_id,
+                    "valid_until": iso(lic.valid_until),
+                    "valid": lic.is_valid_at(now),
+                    "description": loaded.manifest.description if loaded else None,
+                }
+            )
+        return web.json_response({"services": out})
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/services/{service}/call``: see the module docstring."""
+        service = request.match_info["service"]
+        if not SERVICE_RE.fullmatch(service):
+            raise ApiError(404, "not_found", "no such service")
+        allow = await self._decide(service, request[KEY_HASH])
+        body = await self._read_call(request)
+        try:
+            svc = await self._builder.get(service)
+        except ServiceUnavailable as e:
+            raise ApiError(503, "unavailable", str(e), retry_after=e.retry_after) from None
+        outcome, error = "ok", None
+        problem = (
+            svc.param_errors(body.params)
+            if isinstance(body.params, dict)
+            else "the parameters must be a JSON object"
+        )
+        if problem is not None:
+            outcome, error = "invalid_params", ApiError(422, "invalid_params", problem)
+        started = self._clock()
+        result: dict[str, Any] = {}
+        data_out = b""
+        if error is None:
+            self.in_flight += 1
+            try:
+                out = await svc.invoke(Invocation(body.params, body.data))
+                result, data_out = out.result, out.data
+            except RuntimeFailure as e:
+                outcome, error = self._failure(service, e)
+            finally:
+                self.in_flight -= 1
+        duration = self._clock() - started
+        entry = UsageEntry(
+            at=self._trust.now(self._clock()),
+            customer=allow.customer,
+            service=service,
+            licence=allow.licence_id,
+            credential=request[KEY_HASH],
+            duration_ms=int(duration * 1000),
+            outcome=outcome,
+            bytes_in=body.size,
+            bytes_out=len(data_out),
+        )
+        try:
+            await self._journal.append(entry)  # durable before the answer leaves
+        except OptogateError as e:
+            self._log("usage_append_failed", error=type(e).__name__)
+            raise ApiError(503, "unavailable", "usage cannot be recorded", retry_after=5) from e
+        self._metrics.inc("optogate_inner_calls_total", {"service": service, "outcome": outcome})
+        self._metrics.inc("optogate_inner_call_seconds_total", {"service": service}, duration)
+        self._metrics.inc("optogate_inner_bytes_in_total", {"service": service}, body.size)
+        self._metrics.inc("optogate_inner_bytes_out_total", {"service": service}, len(data_out))
+        if error is not None:
+            raise error
+        return self._answer(body.answer, result, data_out)
+
+    def _failure(self, service: str, e: RuntimeFailure) -> tuple[str, ApiError]:
+        if isinstance(e, AlgorithmError):
+            return "invalid_params", ApiError(422, "invalid_params", e.message)
+        if isinstance(e, AlgorithmTimeout):
+            return "algorithm_timeout", ApiError(
+                504, "algorithm_timeout", "the algorithm ran too long"
+            )
+        if isinstance(e, ResultTooLarge):
+            return "too_large", ApiError(500, "algorithm_crashed", "the result was too large")
+        if isinstance(e, RuntimeUnavailable):
+            return "unavailable", ApiError(
+                503,
+                "unavailable",
+                "the service cannot run now",
+                retry_after=self._link.retry_after_s,
+            )
+        self._log("algorithm_crashed", service=service, error=type(e).__name__)
+        return "algorithm_crashed", ApiError(500, "algorithm_crashed", "the algorithm crashed")
+
+    async def _decide(self, service: str, key_hash: str) -> Allow:
+        decision = self._trust.decide(service=service, key_hash=key_hash, mono=self._clock())
+        if isinstance(decision, SyncRequired | PaymentRequired):
+            # Pay, then call again: ask central before refusing (bounded wait).
+            await self._refresh(self._link.payment_sync_wait_s)
+            decision = self._trust.decide(service=service, key_hash=key_hash, mono=self._clock())
+        if isinstance(decision, Allow):
+            return decision
+        if isinstance(decision, SyncRequired):
+            raise ApiError(
+                503,
+                "unavailable",
+                "the gateway must reach central first",
+                retry_after=self._link.retry_after_s,
+            )
+        if isinstance(decision, PaymentRequired):
+            word = "starts" if decision.not_yet_valid else "expired"
+            when = decision.valid_from if decision.not_yet_valid else decision.valid_until
+            raise ApiError(
+                402,
+                "payment_required",
+                f"licence {decision.licence_id} for {service} {word} at {iso(when)}",
+                extra={
+                    "licence": decision.licence_id,
+                    "valid_from": iso(decision.valid_from),
+                    "valid_until": iso(decision.valid_until),
+                    "renew": {"service": decision.renew, "customer": decision.customer},
+                },
+            )
+        if isinstance(decision, NotLicensed) and not self._known_service(service):
+            raise ApiError(404, "not_found", f"no service {service}")
+        if isinstance(decision, NotLicensed | Revoked):
+            why = "revoked" if isinstance(decision, Revoked) else "not licensed for this key"
+            raise ApiError(403, "forbidden", f"service {service}: {why}")
+        assert isinstance(decision, UnknownCredential)
+        raise ApiError(401, "unauthorized", "a valid API key is required")
+
+    def _known_service(self, service: str) -> bool:
+        meta = self._trust.verifier.metadata
+        if meta is not None and meta.find(Kind.BUNDLE, service) is not None:
+            return True
+        licences = self._trust.licences
+        return licences is not None and any(lic.service == service for lic in licences.licences)
+
+    async def _read_call(self, request: web.Request) -> Body:
+        ctype = _media_type(request.headers.get("Content-Type", JSON))
+        if ctype not in {JSON, OCTETS, CBOR}:
+            raise ApiError(415, "unsupported_media_type", f"content type {ctype!r} is not served")
+        accept = _media_type(request.headers.get("Accept", ""))
+        answer = accept if accept in {JSON, OCTETS, CBOR} else ctype
+        raw = await self._read_body(request)
+        if ctype == JSON:
+            params = parse_json(raw, "the body") if raw else {}
+            return Body(params, b"", len(raw), answer)
+        if ctype == CBOR:
+            params, blob = parse_cbor(raw)
+            return Body(params, blob, len(raw), answer)
+        header = request.headers.get(PARAMS_HEADER, "{}")
+        if len(header) > self._cfg.max_header_bytes:
+            raise ApiError(413, "too_large", f"{PARAMS_HEADER} over its limit")
+        try:
+            header_bytes = header.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_request", f"{PARAMS_HEADER} is not valid") from None
+        return Body(parse_json(header_bytes, PARAMS_HEADER), raw, len(raw), answer)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self._cfg.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+        chunks = []
+        total = 0
+        start = self._clock()
+        idle = self._cfg.body_idle_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise ApiError(408, "too_slow", "the body stalled") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+            chunks.append(chunk)
+            elapsed = self._clock() - start
+            if (
+                total > RATE_GRACE_BYTES
+                and elapsed > idle
+                and total / elapsed < self._cfg.min_body_rate
+            ):
+                raise ApiError(408, "too_slow", "the body arrives too slowly")
+        return b"".join(chunks)
+
+    @staticmethod
+    def _answer(form: str, result: dict[str, Any], data: bytes) -> web.Response:
+        if form == OCTETS:
+            header = json.dumps(result, separators=(",", ":"), ensure_ascii=True)
+            return web.Response(body=data, headers={"Content-Type": OCTETS, RESULT_HEADER: header})
+        if form == CBOR:
+            return web.Response(
+                body=cbor2.dumps({"result": result, "data": data}),
+                headers={"Content-Type": CBOR},
+            )
+        doc: dict[str, Any] = {"result": result}
+        if data:
+            doc["data_base64"] = base64.b64encode(data).decode("ascii")
+        return web.json_response(doc)

@@ -1,0 +1,57 @@
+"""Fixtures for the inner module's integration tests: a gateway, its peer, its daemon."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from inner_testbed import (
+    CentralPeer,
+    DaemonRunner,
+    Provisioned,
+    algo_bundle,
+    free_port,
+    generate_api_key,
+    provisioned,
+    ssl_context,
+)
+
+from firmware.common.crypto.apikeys import IssuedApiKey
+
+
+@dataclass
+class Bed:
+    gw: Provisioned
+    peer: CentralPeer
+    daemon: DaemonRunner
+    key: IssuedApiKey
+    http: httpx.AsyncClient
+
+    def auth(self, key: IssuedApiKey | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {(key or self.key).secret}"}
+
+
+@pytest.fixture
+async def bed() -> AsyncIterator[Bed]:
+    """A gateway with service ``algo`` v1 published and licensed to ``bed.key``; daemon running."""
+    link_port = free_port()
+    with provisioned(link_port) as gw:
+        peer = CentralPeer(gw)
+        key = generate_api_key()
+        peer.publish(algo_bundle("algo", 1))
+        peer.grant("algo", key, lic_id="L-1")
+        await peer.start(link_port)
+        daemon = DaemonRunner(gw)
+        try:
+            await daemon.start()
+            async with httpx.AsyncClient(
+                base_url=daemon.url, verify=ssl_context(gw), timeout=20
+            ) as http:
+                # the first sync happens when the link comes up
+                await daemon.wait_for(lambda: daemon.daemon.trust.licences is not None)
+                yield Bed(gw, peer, daemon, key, http)
+        finally:
+            await daemon.stop()
+            await peer.stop()
