@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("provisioning.keys_cli", "make central and gateway keys, issue API keys"),
     "isolator": ("firmware.isolator.cli", "flash / status of the optical isolation module"),
     "call": ("host_tools.call", "run a service on a gateway (for any program, via subprocess)"),
+    "inner": ("firmware.inner.cli", "the inner module daemon: run, status"),
     "link": ("firmware.common.link.cli", "test the optical UART link (echo / test)"),
     "power": ("firmware.common.power.cli", "watch the power-sense lines, show LED states"),
     "sim": ("host_tools.sim_cli", "simulators: the optical link, the modem"),
