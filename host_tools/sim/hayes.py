@@ -259,6 +259,10 @@ class HayesModem:
         """Return counters: commands, dials, connects, escapes, drops, bit errors."""
         return dict(self._stats)
 
+    def pending_command_length(self) -> int:
+        """Characters of the command line being typed (bounded by MAX_COMMAND + 1)."""
+        return len(self._command)
+
     def line_backlog(self) -> int:
         """Bytes from the line waiting to be paced out to the DTE."""
         return len(self._to_dte.queue)

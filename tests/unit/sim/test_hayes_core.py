@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from firmware.outer.modem.dialler import (
     CallAttemptFailed,
@@ -15,6 +17,7 @@ from firmware.outer.modem.dialler import (
 )
 from firmware.outer.modem.errors import Busy
 from host_tools.sim.hayes import (
+    MAX_COMMAND,
     MAX_RINGS,
     CloseLine,
     HayesConfig,
@@ -413,3 +416,28 @@ def test_atz_while_ringing_keeps_the_call_ringing_but_ends_a_connected_one() -> 
     assert rig.type("ATZ\r").endswith(b"\r\nOK\r\n")
     assert rig.actions() == [CloseLine()]
     assert rig.m.state is ModemState.COMMAND
+
+
+_TYPED = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from(
+            [b"AT", b"\r", b"+++", b"ATD5551234\r", b"ATA\r", b"ATO\r", b"ATH\r", b"S7?", b"=9"]
+        ),
+    ),
+    max_size=40,
+)
+
+
+@given(_TYPED, st.lists(st.floats(0.0, 3.0), min_size=40, max_size=40))
+def test_any_typing_keeps_the_emulator_consistent(chunks: list[bytes], gaps: list[float]) -> None:
+    rig = Rig(dial_delay=0.5)
+    for chunk, gap in zip(chunks, gaps, strict=False):
+        rig.type(chunk)
+        rig.advance(gap)
+        for action in rig.actions():
+            if isinstance(action, OpenLine):
+                rig.m.line_connected(rig.now)
+        assert rig.m.pending_command_length() <= MAX_COMMAND + 1
+        assert rig.m.state in ModemState
+        assert 0 <= rig.m.register(7) <= 255
