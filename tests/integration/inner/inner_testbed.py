@@ -210,6 +210,8 @@ class CentralPeer:
     fetch_delay: float = 0.0
     tamper: str = ""  # "", "bundle-bit", "wrong-recipient", "rollback", "no-ack-signature"
     ack_usage: bool = True
+    replay_bundle: bytes = b""  # served instead of the current bundle (a replay attack)
+    replay_metadata: bytes = b""  # served instead of fresh metadata
     port: int = 0
     _meta_version: int = 0
     _set_version: int = 0
@@ -302,7 +304,8 @@ class CentralPeer:
     async def handle(self, msg: messages.Message) -> messages.Message | None:
         if isinstance(msg, messages.Sync):
             self._count("sync")
-            return messages.SyncData(sealed=self.metadata(), sealed_licences=self.licence_set())
+            meta = self.replay_metadata or self.metadata()
+            return messages.SyncData(sealed=meta, sealed_licences=self.licence_set())
         if isinstance(msg, messages.FetchService):
             self._count("fetch")
             if self.fetch_delay:
@@ -332,7 +335,13 @@ class CentralPeer:
             return messages.UsageAck(batch_id=batch.batch_id, sealed_ack=sealed)
         raise RemoteError("unsupported", msg.KIND.name)
 
+    def sealed_bundle(self, service: str) -> bytes:
+        """The sealed bundle central serves now (tests keep it to replay it later)."""
+        return self._sealed_bundles[service]
+
     def _bundle_for(self, service: str) -> bytes:
+        if self.replay_bundle:
+            return self.replay_bundle
         sealed = self._sealed_bundles[service]
         if self.tamper == "bundle-bit":
             mid = len(sealed) // 2
