@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import signal
 import sys
 import time
@@ -58,6 +59,23 @@ def log_line(event: str, **fields: object) -> None:
     """Write one structured log line (JSON) to stdout."""
     record = {"ts": round(time.time(), 3), "event": event, **fields}
     print(json.dumps(record, separators=(",", ":"), default=str), flush=True)
+
+
+class _JsonLogHandler(logging.Handler):
+    """Library log records (the Link's "link down"...) as structured lines on stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log_line("log", level=record.levelname, logger=record.name, message=record.getMessage())
+        except Exception:  # a log line must never take the server down
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Send WARNING and above from every library logger to stdout as JSON lines."""
+    root = logging.getLogger()
+    root.handlers[:] = [_JsonLogHandler()]
+    root.setLevel(logging.WARNING)
 
 
 def load_signing_key(config: CentralConfig) -> SigningKey:
@@ -185,6 +203,7 @@ def with_listen(config: CentralConfig, addresses: list[str]) -> CentralConfig:
 
 def main_run(config: CentralConfig) -> int:
     """Run the server in a fresh event loop; return the exit status."""
+    configure_logging()
     try:
         return asyncio.run(run(config))
     except OptogateError as e:

@@ -9,6 +9,14 @@ paired with one :class:`~central_stub.gateway.GatewayConnection` that holds
 its authentication state.  :func:`serve_connection` feeds every request to
 the connection core with the wall clock's ``now`` and returns its reply.
 
+The core does blocking work — sealing (HPKE, Ed25519), reading blobs, and
+the fsyncs of a transaction — so it runs on **one worker thread** shared by
+all connections, never on the event loop: the loop keeps every session's
+acknowledgements and keepalives flowing while a request is being computed
+(a blocked loop would starve 100 sessions into their 4 s dead-peer timeout).
+One thread also means the core never runs twice at once, so its caches and
+counters need no locks.
+
 A **watchdog** per connection closes it when
 
 * it has not authenticated within ``AUTH_TIMEOUT`` (an idle anonymous
@@ -36,6 +44,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -61,6 +70,8 @@ AUTH_TIMEOUT: Final = 30.0
 IDLE_TIMEOUT: Final = 300.0
 #: Watchdog period: well under every timeout above.
 WATCH_INTERVAL: Final = 0.5
+#: How long shutdown waits for connections to wind down once their transports are closed.
+CLOSE_GRACE: Final = 5.0
 #: After a failed answer (port trouble), wait before opening the modem again.
 MODEM_RETRY: Final = 5.0
 
@@ -95,10 +106,16 @@ def tls_client_context(ca_cert: Path) -> ssl.SSLContext:
     return ctx
 
 
+def core_executor() -> ThreadPoolExecutor:
+    """Return the one-thread executor the protocol core runs on (shut it down when done)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ThreadPoolExecutor-central-core")
+
+
 async def serve_connection(
     service: CentralService,
     transport: Transport,
     *,
+    executor: ThreadPoolExecutor,
     baud: int | None = None,
     log: Log,
     auth_timeout: float = AUTH_TIMEOUT,
@@ -116,7 +133,7 @@ async def serve_connection(
         nonlocal last_request, sessions_at_auth
         last_request = loop.time()
         was = conn.state
-        reply = conn.handle(msg, int(time.time()))
+        reply = await loop.run_in_executor(executor, conn.handle, msg, int(time.time()))
         if was is not AuthState.AUTHENTICATED and conn.state is AuthState.AUTHENTICATED:
             sessions_at_auth = link.statistics().get("sessions_up", 0)
         return reply
@@ -221,7 +238,9 @@ class CentralServer:
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
         self._modems: list[asyncio.Task[None]] = []
-        self._connections: set[asyncio.Task[object]] = set()
+        self._transports: set[Transport] = set()
+        self._idle = asyncio.Event()
+        self._executor = core_executor()
         self._active = 0
         self._started = time.time()
 
@@ -242,14 +261,18 @@ class CentralServer:
             self.log("connection_refused", peer=transport.name, reason="max_connections")
             return
         self._active += 1
-        me = asyncio.current_task()
-        if me is not None:
-            self._connections.add(me)
+        self._idle.clear()
+        self._transports.add(transport)
         try:
-            await serve_connection(self.service, transport, log=self.log)
+            await serve_connection(self.service, transport, executor=self._executor, log=self.log)
         finally:
-            self._active -= 1
-            self._connections.discard(me)
+            self._transports.discard(transport)
+            self._leave()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     async def start(self, ssl_context: ssl.SSLContext | None) -> None:
         """Start every TCP listener and modem; raises PortError if an address cannot be bound."""
@@ -293,15 +316,17 @@ class CentralServer:
                         await conn.hangup()
                         continue
                     self._active += 1
+                    self._idle.clear()
                     try:
                         await serve_connection(
                             self.service,
                             ModemTransport(conn, f"modem:{serial.port}"),
+                            executor=self._executor,
                             baud=connected.speed or serial.baudrate,
                             log=self.log,
                         )
                     finally:
-                        self._active -= 1
+                        self._leave()
             except OptogateError as e:
                 self.service.counters["modem_failures"] += 1
                 self.log("modem_failed", port=serial.port, error=str(e))
@@ -317,11 +342,15 @@ class CentralServer:
         for task in self._modems:
             task.cancel()
         await asyncio.gather(*self._modems, return_exceptions=True)
-        for conn in list(self._connections):
-            conn.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        # closing a transport ends its Link, so each connection returns normally
+        for transport in list(self._transports):
+            await transport.aclose()
+        if self._active:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
         for server in self._servers:
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()
         self._servers.clear()
         self._modems.clear()
+        self._executor.shutdown(wait=True)  # the core finishes the request it is on
