@@ -31,12 +31,14 @@ def isolated_pair(seed: int = 0, maintenance: bool = False) -> tuple[Pair, Filte
     )
     core = Filter(FilterConfig(suite.shipped_config(maintenance)))
     for line, direction in ((pair.ab, A_TO_B), (pair.ba, B_TO_A)):
-        put_on_line = line.send
+        arrived = line.due
 
-        def through_isolator(data: bytes, now: float, put=put_on_line, d=direction) -> None:
-            put(core.feed(d, data, int(now * MS_PER_S)), now)
+        # the isolator takes what the line delivers (noise included) and
+        # hands the receiver only what it forwards
+        def through_isolator(now: float, arrived=arrived, d=direction) -> bytes:
+            return core.feed(d, arrived(now), int(now * MS_PER_S))
 
-        line.send = through_isolator  # type: ignore[method-assign]
+        line.due = through_isolator  # type: ignore[method-assign]
     assert pair.run_until(lambda: pair.a.connected and pair.b.connected, 2.0)
     return pair, core
 
