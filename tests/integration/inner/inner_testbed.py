@@ -460,3 +460,56 @@ __all__ = [
     "provisioned",
     "ssl_context",
 ]
+
+
+class DaemonProcess:
+    """Runs ``optogate inner run`` as a child process (for kill -9 tests)."""
+
+    def __init__(self, gw: Provisioned) -> None:
+        self.gw = gw
+        self.url = f"https://127.0.0.1:{gw.api_port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = gw.root / "daemon.log"
+
+    async def start(self) -> None:
+        import sys
+
+        with self.log_path.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "import sys; from host_tools.cli import main; sys.exit(main())",
+                "inner",
+                "run",
+                "--config",
+                str(self.gw.config),
+                stdout=out,
+                stderr=out,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-2000:]}")
+            if self.log_path.read_text().count('"event":"started"') > self.starts:
+                self.starts += 1
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the daemon did not start")
+
+    starts = 0
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        async with asyncio.timeout(20):
+            return await self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
