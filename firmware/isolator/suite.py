@@ -17,6 +17,8 @@ import random
 import struct
 from typing import Any
 
+from cobs import cobs
+
 from firmware.common.link import framing
 from firmware.common.link.framing import Flag, Frame, FrameType
 from firmware.common.link.kinds import Kind
@@ -90,7 +92,7 @@ def raw_frame(
     body = framing.HEADER.pack(version, ftype, flags, kind, 1, seq, 0, 0, 0, length) + payload
     crc = framing.crc32c(body) ^ (0 if crc_ok else 0xDEADBEEF)
     body += crc.to_bytes(4, "big")
-    encoded: bytes = framing.DELIMITER + framing._cobs.encode(body) + framing.DELIMITER
+    encoded: bytes = framing.DELIMITER + cobs.encode(body) + framing.DELIMITER
     return encoded
 
 
