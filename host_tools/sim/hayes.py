@@ -56,6 +56,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from firmware.common.errors import ConfigError
+
 #: Registers S0..S38 exist; higher numbers answer ERROR.
 REGISTER_COUNT: Final = 39
 
@@ -113,6 +115,10 @@ _NUMERIC: Final[dict[str, int]] = {
 }
 
 
+_ASCII_DIGITS: Final = frozenset("0123456789")
+_DIAL_DIGITS: Final = frozenset("0123456789*#")
+
+
 class ModemState(enum.Enum):
     """The emulated modem's state."""
 
@@ -141,14 +147,14 @@ LineAction = OpenLine | CloseLine
 
 def normalise_number(number: str) -> str:
     """Return the digits (and * #) of a dial string: what the exchange sees."""
-    return "".join(ch for ch in number if ch.isdigit() or ch in "*#")
+    return "".join(ch for ch in number if ch in _DIAL_DIGITS)
 
 
 @dataclass
 class HayesConfig:
     """What the emulated line and modem do; durations in seconds.
 
-    Raises ValueError from construction for values that cannot work.
+    Raises ConfigError (a ValueError) from construction for values that cannot work.
     """
 
     speed: int = 33600
@@ -167,13 +173,13 @@ class HayesConfig:
 
     def __post_init__(self) -> None:
         if self.speed < 300:
-            raise ValueError("speed must be at least 300 bit/s")
+            raise ConfigError("speed must be at least 300 bit/s")
         if min(self.busy, self.no_answer, self.no_dialtone) < 0:
-            raise ValueError("fault counts must not be negative")
+            raise ConfigError("fault counts must not be negative")
         if not 0.0 <= self.ber < 1.0:
-            raise ValueError("ber must be in [0, 1)")
+            raise ConfigError("ber must be in [0, 1)")
         if self.dial_delay < 0 or self.answer_delay < 0 or self.ring_interval <= 0:
-            raise ValueError("delays must not be negative")
+            raise ConfigError("delays must not be negative")
         self.phonebook = {normalise_number(k): v for k, v in self.phonebook.items()}
 
 
@@ -707,6 +713,7 @@ class HayesModem:
 def _skip_number(text: str, i: int) -> tuple[int | None, int]:
     """Parse decimal digits at ``text[i:]``; return (value or None, next index)."""
     j = i
-    while j < len(text) and text[j].isdigit():
+    # ASCII digits only: str.isdigit() also accepts superscripts such as "\xb2"
+    while j < len(text) and text[j] in _ASCII_DIGITS:
         j += 1
     return (int(text[i:j]) if j > i else None), j

@@ -78,7 +78,7 @@ def _no_log(event: str, **fields: object) -> None:
 def parse_address(text: str) -> tuple[str, int]:
     """Return (host, port) from ``HOST:PORT``; raise ValueError if malformed."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
 

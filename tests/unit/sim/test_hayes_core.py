@@ -441,3 +441,11 @@ def test_any_typing_keeps_the_emulator_consistent(chunks: list[bytes], gaps: lis
         assert rig.m.pending_command_length() <= MAX_COMMAND + 1
         assert rig.m.state in ModemState
         assert 0 <= rig.m.register(7) <= 255
+
+
+def test_non_ascii_digits_are_not_numbers() -> None:
+    rig = Rig()
+    rig.type("ATE0\r")
+    assert rig.type(b"ATS7=\xb2\r") == b"\r\nERROR\r\n"
+    assert rig.type(b"AT\xb2\r") == b"\r\nERROR\r\n"
+    assert normalise_number("55\u00b212") == "5512"
