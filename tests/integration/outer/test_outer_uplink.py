@@ -1,0 +1,312 @@
+"""The uplink against a real SERVER-role peer: TLS, the modem emulator, fallback, drops, idle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pty
+import socket
+import tty
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from outer_central_peer import CentralPeer, Keys
+
+from firmware.common.errors import RemoteError
+from firmware.common.link import messages as m
+from firmware.outer.config import DialupConfig, InternetConfig
+from firmware.outer.errors import CentralRefused, CentralUnreachable
+from firmware.outer.modem.dialler import DiallerConfig
+from firmware.outer.policy import CallState, PolicyConfig
+from firmware.outer.uplink import Connector, DialupConnector, Identity, InternetConnector, Uplink
+from host_tools.sim.hayes import HayesConfig
+from host_tools.sim.modem import ModemEmulator
+
+pytestmark = [pytest.mark.integration]
+
+NUMBER = "5551234"
+#: Short S12 guard so hang-ups by escape are quick on a pty (no DTR).
+FAST_INIT = "ATQ0 V1 E1 S0=0 &C1 &D2 S12=10"
+
+
+def dialler(**overrides: object) -> DiallerConfig:
+    fields: dict[str, object] = {
+        "number": NUMBER,
+        "init_string": FAST_INIT,
+        "reset_pause": 0.05,
+        "command_timeout": 1.0,
+        "carrier_timeout": 3.0,
+        "max_attempts": 1,
+        "backoff_initial": 0.1,
+        "backoff_max": 0.5,
+        "escape_guard": 0.2,
+        "carrier_confirm": 0.2,
+        "seed": 1,
+        **overrides,
+    }
+    return DiallerConfig(**fields)  # type: ignore[arg-type]
+
+
+def policy(**overrides: object) -> PolicyConfig:
+    fields: dict[str, object] = {
+        "order": ("internet", "dialup"),
+        "idle_hangup": 30.0,
+        "sync_interval": 3600.0,
+        "sync_batch_window": 0.0,
+        "sync_at_start": False,
+        "backoff_initial": 0.2,
+        "backoff_max": 0.5,
+        **overrides,
+    }
+    return PolicyConfig(**fields)  # type: ignore[arg-type]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(predicate: Callable[[], bool], limit: float) -> None:
+    """Return once ``predicate()`` holds; raise TimeoutError after ``limit`` seconds."""
+    async with asyncio.timeout(limit):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Bench:
+    keys: Keys
+    peer: CentralPeer
+    identity: Identity
+    ca: Path
+    tmp: Path
+
+    def internet(self, port: int | None = None) -> InternetConnector:
+        cfg = InternetConfig("127.0.0.1", self.peer.tls_port if port is None else port, self.ca)
+        return InternetConnector(cfg, connect_timeout=3.0)
+
+    def dialup(self, modem: ModemEmulator, **overrides: object) -> DialupConnector:
+        return DialupConnector(DialupConfig(modem.port_path, dialler(**overrides)))
+
+    def uplink(self, connectors: list[Connector], **overrides: object) -> Uplink:
+        return Uplink(
+            self.identity,
+            connectors,
+            policy(**overrides),
+            connect_timeout=10.0,
+            request_timeout=20.0,
+        )
+
+
+@pytest.fixture
+async def bench(tmp_path: Path) -> AsyncIterator[Bench]:
+    keys = Keys()
+    tls = keys.write_tls(tmp_path / "tls")
+    peer = await CentralPeer(keys, tls, bundle_size=6000).start()
+    identity = Identity.load(keys.write_outer_dir(tmp_path / "outer"))
+    try:
+        yield Bench(keys, peer, identity, tls[0], tmp_path)
+    finally:
+        await peer.aclose()
+
+
+@contextlib.asynccontextmanager
+async def modem_to(peer: CentralPeer, **overrides: object) -> AsyncIterator[ModemEmulator]:
+    fields: dict[str, object] = {
+        "speed": 115200,
+        "phonebook": {NUMBER: f"127.0.0.1:{peer.plain_port}"},
+        "dial_delay": 0.1,
+        **overrides,
+    }
+    async with ModemEmulator(HayesConfig(**fields)) as modem:  # type: ignore[arg-type]
+        yield modem
+
+
+@contextlib.asynccontextmanager
+async def running(uplink: Uplink) -> AsyncIterator[Uplink]:
+    task = asyncio.create_task(uplink.run())
+    try:
+        yield uplink
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await uplink.aclose()
+
+
+@pytest.mark.timeout(20)
+async def test_internet_call_authenticates_and_fetches(bench: Bench) -> None:
+    async with running(bench.uplink([bench.internet()], order=("internet",))) as up:
+        reply = await up.request(m.FetchService(service="dxf", have_version=None), m.Service)
+        assert reply.sealed_bundle == bench.peer.bundle
+        assert bench.peer.kinds() == ["AUTH_BEGIN", "AUTH_PROOF", "FETCH_SERVICE"]
+        assert up.status()["uplink.transport"] == "internet"
+
+
+@pytest.mark.timeout(20)
+async def test_central_error_passes_through_unchanged(bench: Bench) -> None:
+    async with running(bench.uplink([bench.internet()], order=("internet",))) as up:
+        with pytest.raises(RemoteError) as info:
+            await up.request(m.FetchService(service="nope", have_version=None), m.Service)
+        assert info.value.code == "unknown_service"
+
+
+@pytest.mark.timeout(30)
+async def test_falls_back_to_dialup_when_central_tcp_port_is_closed(bench: Bench) -> None:
+    async with modem_to(bench.peer) as modem:
+        connectors: list[Connector] = [bench.internet(closed_port()), bench.dialup(modem)]
+        async with running(bench.uplink(connectors)) as up:
+            reply = await up.request(m.FetchService(service="dxf", have_version=None), m.Service)
+            assert reply.sealed_bundle == bench.peer.bundle
+            status = up.status()
+            assert status["uplink.transport"] == "dialup"
+            assert status["uplink.connect_failures_internet"] == 1
+            assert status["modem.last_speed"] == 115200
+            assert bench.peer.connections == 1
+
+
+@pytest.mark.timeout(30)
+async def test_sync_and_usage_share_one_call_then_idle_hangup(bench: Bench) -> None:
+    async with modem_to(bench.peer) as modem:
+        up = bench.uplink([bench.dialup(modem)], order=("dialup",), idle_hangup=0.5)
+        async with running(up):
+            sync, ack = await asyncio.gather(
+                up.request(m.Sync(since_version=0), m.SyncData),
+                up.request(m.UsageReport(batch=b"signed batch"), m.UsageAck),
+            )
+            assert ack.batch_id == "b1" and sync.sealed_licences
+            assert bench.peer.connections == 1
+            assert sorted(bench.peer.kinds()[2:]) == ["SYNC", "USAGE_REPORT"]
+            assert up.policy.state is CallState.UP
+            await until(lambda: up.policy.state is CallState.IDLE, 10)
+            assert up.counters["hangups_idle"] == 1
+            await until(lambda: not bench.peer.open_connections, 5)
+            # the next request dials again
+            await up.request(m.Status(), m.StatusReport)
+            assert bench.peer.connections == 2
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.slow
+async def test_call_dropped_mid_bundle_fails_cleanly_and_next_call_completes(
+    bench: Bench,
+) -> None:
+    async with modem_to(bench.peer, no_carrier_after=3000) as modem:
+        up = bench.uplink([bench.dialup(modem)], order=("dialup",))
+        async with running(up):
+            with pytest.raises(CentralUnreachable) as info:
+                await up.request(m.FetchService(service="dxf", have_version=None), m.Service)
+            assert info.value.retry_after is not None
+            assert up.counters["calls_dropped"] == 2  # the first drop was retried on a new call
+            assert up.counters["requests_resumed"] == 1
+            assert up.policy.state is CallState.IDLE
+            modem.core.config.no_carrier_after = None
+            reply = await up.request(m.FetchService(service="dxf", have_version=None), m.Service)
+            assert reply.sealed_bundle == bench.peer.bundle
+
+
+@pytest.mark.timeout(30)
+async def test_dropped_call_resumes_on_a_new_call(bench: Bench) -> None:
+    async with modem_to(bench.peer, no_carrier_after=3000) as modem:
+        up = bench.uplink([bench.dialup(modem)], order=("dialup",))
+        async with running(up):
+            fetch = asyncio.create_task(
+                up.request(m.FetchService(service="dxf", have_version=None), m.Service)
+            )
+            await until(lambda: up.counters["calls_dropped"] > 0, 15)
+            modem.core.config.no_carrier_after = None  # the line is clean for the redial
+            reply = await fetch
+            assert reply.sealed_bundle == bench.peer.bundle
+            assert up.counters["requests_resumed"] == 1
+
+
+@pytest.mark.timeout(20)
+async def test_every_transport_down_fails_fast_then_backs_off(bench: Bench) -> None:
+    up = bench.uplink(
+        [bench.internet(closed_port())], order=("internet",), backoff_initial=5.0, backoff_max=5.0
+    )
+    async with running(up):
+        with pytest.raises(CentralUnreachable) as first:
+            await up.request(m.Sync(since_version=0), m.SyncData)
+        assert first.value.retry_after == pytest.approx(5.0, abs=0.5)
+        with pytest.raises(CentralUnreachable) as second:
+            await up.request(m.Sync(since_version=0), m.SyncData)
+        assert second.value.retry_after is not None and second.value.retry_after <= 5.0
+        assert up.counters["connects"] == 1  # refused during the backoff, no new attempt
+        assert up.counters["refused_backing_off"] == 1
+
+
+@pytest.mark.timeout(20)
+async def test_central_refusing_the_gateway_is_typed(bench: Bench) -> None:
+    bench.peer.refuse_auth = True
+    async with running(bench.uplink([bench.internet()], order=("internet",))) as up:
+        with pytest.raises(CentralRefused):
+            await up.request(m.Sync(since_version=0), m.SyncData)
+        assert up.counters["auth_refused"] == 1
+
+
+@pytest.mark.timeout(20)
+async def test_certificate_outside_the_pin_is_refused(bench: Bench) -> None:
+    cfg = InternetConfig("127.0.0.1", bench.peer.tls_port, bench.ca, pin_sha256="00" * 32)
+    up = bench.uplink([InternetConnector(cfg, 3.0)], order=("internet",))
+    async with running(up):
+        with pytest.raises(CentralUnreachable, match="pin"):
+            await up.request(m.Sync(since_version=0), m.SyncData)
+    assert bench.peer.kinds() == []
+
+
+@pytest.mark.timeout(20)
+async def test_wrong_ca_is_refused(bench: Bench, tmp_path: Path) -> None:
+    other = Keys().write_tls(tmp_path / "other")
+    cfg = InternetConfig("127.0.0.1", bench.peer.tls_port, other[0])
+    up = bench.uplink([InternetConnector(cfg, 3.0)], order=("internet",))
+    async with running(up):
+        with pytest.raises(CentralUnreachable):
+            await up.request(m.Sync(since_version=0), m.SyncData)
+    assert bench.peer.kinds() == []
+
+
+@contextlib.asynccontextmanager
+async def fake_modem(answer: bytes | None) -> AsyncIterator[str]:
+    """A pty whose far end answers every write with ``answer`` (None: stays silent)."""
+    master, slave = pty.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        with contextlib.suppress(OSError):
+            os.read(master, 4096)
+            if answer is not None:
+                os.write(master, answer)
+
+    loop.add_reader(master, readable)
+    try:
+        yield path
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("answer", [None, b"\x00\xffgarbage\r\n~~~", b"AT\r\r\nATZ\r\r\n"])
+async def test_modem_silent_garbage_or_odd_echo_is_unreachable(
+    bench: Bench, answer: bytes | None
+) -> None:
+    async with fake_modem(answer) as path:
+        connector = DialupConnector(DialupConfig(path, dialler(command_timeout=0.5)))
+        up = bench.uplink([connector], order=("dialup",))
+        async with running(up):
+            with pytest.raises(CentralUnreachable):
+                await up.request(m.Sync(since_version=0), m.SyncData)
+            assert up.counters["connect_failures_dialup"] == 1
+            assert up.status()["uplink.state"] == "idle"
