@@ -114,16 +114,17 @@ class Reassembly:
     """Chunks of one LinkData transfer, hashed in index order as they complete.
 
     Chunks may complete out of order (the session interleaves bulk messages);
-    later ones are held until the gap fills.  Index 0 arriving after chunk 0
-    was already consumed starts a new transfer.
+    later ones are held until the gap fills.  A chunk of another transfer id
+    abandons the current transfer (the previous test was interrupted).
     """
 
     def __init__(self) -> None:
         self.changed = asyncio.Event()
+        self.transfer: int | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the current transfer."""
+        """Forget the current transfer's chunks."""
         self._hash = hashlib.sha256()
         self.nbytes = 0
         self._next = 0
@@ -133,8 +134,9 @@ class Reassembly:
 
     def add(self, msg: m.LinkData) -> None:
         """Take one chunk.  Raises RemoteError for a duplicate or a hostile volume."""
-        if msg.index == 0 and self._next > 0:
+        if msg.transfer != self.transfer:
             self.reset()
+            self.transfer = msg.transfer
         if msg.index < self._next or msg.index in self._held:
             raise RemoteError("bad_transfer", f"chunk {msg.index} received twice")
         if msg.last:
@@ -161,6 +163,7 @@ class Reassembly:
         """Return the digest of the complete transfer and start over."""
         reply = m.LinkDigest(sha256=self._hash.digest(), nbytes=self.nbytes)
         self.reset()
+        self.transfer = None
         return reply
 
 
@@ -281,11 +284,12 @@ async def measure(link: Link, args: argparse.Namespace, result: LinkTestResult) 
     expected = hashlib.sha256(data).digest()
     limit = TRANSFER_MARGIN + TRANSFER_SLACK * len(data) / result.line_rate_Bps
     slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+    transfer = random.getrandbits(32)
 
     async def send_chunk(index: int) -> m.LinkDigest | None:
         async with slots:
             last = index == len(chunks) - 1
-            msg = m.LinkData(chunk=chunks[index], index=index, last=last)
+            msg = m.LinkData(chunk=chunks[index], index=index, last=last, transfer=transfer)
             if last:
                 return await link.request(msg, expect=m.LinkDigest, timeout=limit)
             await link.send(msg, timeout=limit)

@@ -478,12 +478,14 @@ class LinkEchoReply(Message):
 @_message(Kind.LINK_DATA, reply=False)
 @dataclass(frozen=True, slots=True)
 class LinkData(Message):
-    """One chunk of a bulk test transfer; the chunk with ``last`` set is
-    answered by :class:`LinkDigest` over all chunks in ``index`` order."""
+    """One chunk of bulk test transfer ``transfer``; the chunk with ``last`` set
+    is answered by :class:`LinkDigest` over all its chunks in ``index`` order."""
 
     chunk: bytes = _f(_Bytes(MAX_CHUNK))
     index: int = _f(_Int(0, MAX_CORR_ID))
     last: bool = _f(_Bool())
+    #: Random per transfer, so the far end never mixes chunks of two tests.
+    transfer: int = _f(_Int(0, MAX_CORR_ID), 0)
 
 
 @_message(Kind.LINK_DIGEST, reply=True)

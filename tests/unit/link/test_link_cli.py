@@ -15,9 +15,12 @@ from firmware.common.link import messages as m
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
 
-def chunks(data: bytes, size: int) -> list[m.LinkData]:
+def chunks(data: bytes, size: int, transfer: int = 1) -> list[m.LinkData]:
     parts = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
-    return [m.LinkData(chunk=p, index=i, last=i == len(parts) - 1) for i, p in enumerate(parts)]
+    return [
+        m.LinkData(chunk=p, index=i, last=i == len(parts) - 1, transfer=transfer)
+        for i, p in enumerate(parts)
+    ]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -41,7 +44,7 @@ def test_reassembly_refuses_duplicates() -> None:
     r.add(m.LinkData(chunk=b"a", index=0, last=False))
     r.add(m.LinkData(chunk=b"b", index=1, last=False))
     r.add(m.LinkData(chunk=b"d", index=3, last=False))
-    for again in (1, 3):  # already hashed, and held out of order
+    for again in (0, 1, 3):  # already hashed, and held out of order
         with pytest.raises(RemoteError) as info:
             r.add(m.LinkData(chunk=b"x", index=again, last=False))
         assert info.value.code == "bad_transfer"
@@ -49,11 +52,19 @@ def test_reassembly_refuses_duplicates() -> None:
 
 def test_a_new_transfer_restarts_reassembly() -> None:
     r = cli.Reassembly()
-    r.add(m.LinkData(chunk=b"old", index=0, last=False))
-    r.add(m.LinkData(chunk=b"old", index=1, last=False))  # the old test was aborted
-    for part in chunks(b"new data", 3):
+    r.add(m.LinkData(chunk=b"old", index=0, last=False, transfer=1))
+    r.add(m.LinkData(chunk=b"old", index=1, last=False, transfer=1))  # that test was aborted
+    for part in chunks(b"new data", 3, transfer=2):
         r.add(part)
     assert r.digest().sha256 == hashlib.sha256(b"new data").digest()
+
+
+def test_the_same_transfer_id_may_be_reused_after_a_digest() -> None:
+    r = cli.Reassembly()
+    for data in (b"first", b"second"):
+        for part in chunks(data, 2, transfer=5):
+            r.add(part)
+        assert r.digest().sha256 == hashlib.sha256(data).digest()
 
 
 def test_reassembly_bounds_out_of_order_data(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,7 @@ EXAMPLES: list[m.Message] = [
     m.Error(code="busy", detail="", retry_after=1.5),
     m.LinkEcho(nonce=b"1234", sent_at=12.25),
     m.LinkEchoReply(nonce=b"1234", sent_at=12.25),
-    m.LinkData(chunk=b"x" * 100, index=4, last=True),
+    m.LinkData(chunk=b"x" * 100, index=4, last=True, transfer=0xDEADBEEF),
     m.LinkDigest(sha256=bytes(32), nbytes=1 << 20),
 ]
 
@@ -180,6 +180,7 @@ def test_extra_field() -> None:
         (m.LinkData(b"", 0, False), "last", 1, "expected bool"),
         (m.LinkData(b"", 0, False), "chunk", "text", "expected bytes"),
         (m.LinkData(b"", 0, False), "index", 2**32, "outside"),
+        (m.LinkData(b"", 0, False), "transfer", -1, "outside"),
         (m.LinkDigest(bytes(32), 0), "sha256", bytes(31), "length 31"),
         (m.LinkEcho(b"a", 0.0), "sent_at", 1, "expected float"),
         (m.LinkEcho(b"a", 0.0), "sent_at", math.nan, "not finite"),
