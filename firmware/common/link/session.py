@@ -15,12 +15,15 @@ token* per session instance; every frame carries the sender's token.  While
 down, a side sends HELLO(token, epoch, echo) every ``hello_interval``; echo is
 the peer token it has bound, or 0.  A side binds the first new token it sees
 in a HELLO or HELLO_ACK and answers HELLO_ACK; it is *up* once the peer has
-shown it knows our token (it echoed it, or sent a non-HELLO frame with its
-bound token).  A HELLO carrying a token other than the bound one means the
-peer lost our session: everything in flight fails at once, with
-:class:`PeerRestarted` when its boot epoch changed (it rebooted) and
-:class:`LinkDown` otherwise.  Frames carrying any other token are stale and
-dropped, so nothing from an old session is ever delivered into a new one.
+echoed our token in a HELLO or HELLO_ACK, and then answers with a HELLO_ACK
+of its own so the peer learns the same.  Other frames cannot establish a
+session: they do not say whom they are for, and one from the peer's previous
+session could be taken for proof that it knows our current token.  A HELLO
+carrying a token other than the bound one means the peer lost our session:
+everything in flight fails at once, with :class:`PeerRestarted` when its
+boot epoch changed (it rebooted) and :class:`LinkDown` otherwise.  Frames
+carrying any other token are stale and dropped, so nothing from an old
+session is ever delivered into a new one.
 Keepalive PINGs go out after ``keepalive_interval`` of silence; nothing heard
 for ``dead_after`` seconds takes the session down (the GPIO power line, via
 :meth:`Session.force_down`, does it sooner).
@@ -232,6 +235,7 @@ class Session:
 
     _next_hello: float
     _ack_pending: bool
+    _hello_ack_pending: bool
 
     def __init__(self, config: SessionConfig, rng: random.Random, now: float) -> None:
         self.config = config
@@ -297,10 +301,13 @@ class Session:
             if now >= self._next_hello:
                 out += self._emit(self._hello_frame(FrameType.HELLO), now)
                 self._next_hello = now + self.config.hello_interval
-            if self._ack_pending and self._peer_token:
+            if self._hello_ack_pending and self._peer_token:
                 out += self._emit(self._hello_frame(FrameType.HELLO_ACK), now)
-                self._ack_pending = False
+                self._hello_ack_pending = False
             return bytes(out)
+        if self._hello_ack_pending:
+            out += self._emit(self._hello_frame(FrameType.HELLO_ACK), now)
+            self._hello_ack_pending = False
         while self._line_has_room(now):
             frame = self._next_data_frame(now)
             if frame is None:
@@ -383,6 +390,7 @@ class Session:
         self._last_tx: float = now
         self._last_rx: float = now
         self._ack_pending = False
+        self._hello_ack_pending = False
         # send side
         self._next_seq: int = 0
         self._outstanding: dict[int, _Outstanding] = {}
@@ -416,7 +424,7 @@ class Session:
         if self._up or not (self._peer_token and self._peer_knows_us):
             return
         self._up = True
-        self._ack_pending = True  # tell the peer at once that we know it
+        self._hello_ack_pending = True  # echo its token: that is how it learns we know it
         self._count("sessions_up")
         restarted = self._peer_epoch_before is not None and (
             self._peer_epoch_before != self._peer_epoch
@@ -437,10 +445,13 @@ class Session:
         if not self._peer_token or frame.session != self._peer_token:
             self._count("dropped_stale")
             return
+        if not self._up:
+            # A non-HELLO frame does not say whom it is for: it may come from
+            # the peer's previous session, bound to an older token of ours.
+            # Only an echo in HELLO/HELLO_ACK proves the peer knows us.
+            self._count("dropped_before_up")
+            return
         self._last_rx = now
-        if not self._peer_knows_us:
-            self._peer_knows_us = True
-            self._come_up()
         self._on_ack(frame, now)
         if frame.type is FrameType.DATA:
             self._on_data(frame)
@@ -480,7 +491,7 @@ class Session:
         if echo == self._token:
             self._peer_knows_us = True
         if not is_ack:
-            self._ack_pending = True  # answer with HELLO_ACK (or with an ACK once up)
+            self._hello_ack_pending = True  # the peer is not up yet: answer it
         self._come_up()
 
     def _on_ack(self, frame: Frame, now: float) -> None:
