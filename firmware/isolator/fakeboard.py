@@ -9,20 +9,26 @@ What they do not model: baud-rate timing, receive FIFO overruns, framing
 errors on the wire, pin electrical behaviour and the watchdog's reset.
 """
 
+# MicroPython has neither typing nor contextlib, and never evaluates annotations
+try:  # noqa: SIM105
+    from typing import Any
+except ImportError:
+    pass
+
 
 class FakeUart:
     """A UART whose line is a pair of byte buffers."""
 
-    def __init__(self, write_limit=None) -> None:
+    def __init__(self, write_limit: int | None = None) -> None:
         self.incoming = bytearray()
         self.written = bytearray()
         self.write_limit = write_limit
 
-    def inject(self, data) -> None:
+    def inject(self, data: bytes) -> None:
         """Make ``data`` arrive on the receive line."""
         self.incoming += data
 
-    def read(self):
+    def read(self) -> bytes | None:
         """Return everything received so far, or None (like machine.UART.read)."""
         if not self.incoming:
             return None
@@ -30,7 +36,7 @@ class FakeUart:
         self.incoming = bytearray()
         return data
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         """Accept up to ``write_limit`` bytes of ``data``; return how many."""
         n = len(data) if self.write_limit is None else min(len(data), self.write_limit)
         self.written += data[:n]
@@ -46,11 +52,11 @@ class FakeUart:
 class FakePin:
     """A GPIO with a level and a history of the levels written."""
 
-    def __init__(self, level=0) -> None:
+    def __init__(self, level: int = 0) -> None:
         self.level = level
-        self.history = []
+        self.history: list[int] = []
 
-    def value(self, level=None):
+    def value(self, level: Any = None) -> int | None:
         """Read the level, or set it (recording the change)."""
         if level is None:
             return self.level

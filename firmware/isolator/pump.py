@@ -30,10 +30,16 @@ provides in-process fakes with the same methods.  Like filtercore.py, this
 module runs unchanged on MicroPython and CPython.
 """
 
+# MicroPython has neither typing nor contextlib, and never evaluates annotations
+try:  # noqa: SIM105
+    from typing import Any
+except ImportError:
+    pass
+
 try:
     from firmware.isolator import filtercore
 except ImportError:  # on the board the modules sit side by side
-    import filtercore
+    import filtercore  # type: ignore[no-redef]
 
 #: Per-direction transmit queue bound.  Two full frames (2 x 4,139 bytes) plus
 #: slack: more than that means the receiving side is not keeping up, and
@@ -62,7 +68,14 @@ class Pump:
     ``led`` may be None.
     """
 
-    def __init__(self, core, uarts: dict, pins: dict, wdt=None, led=None) -> None:
+    def __init__(
+        self,
+        core: Any,
+        uarts: dict[str, Any],
+        pins: dict[str, Any],
+        wdt: Any = None,
+        led: Any = None,
+    ) -> None:
         self.core = core
         self.routes = (
             (filtercore.A_TO_B, uarts["outer"], uarts["inner"]),
@@ -74,15 +87,15 @@ class Pump:
         self.pending = {filtercore.A_TO_B: b"", filtercore.B_TO_A: b""}
         self.tx_overflow = {filtercore.A_TO_B: 0, filtercore.B_TO_A: 0}
         self.steps = 0
-        self.started = None
+        self.started: int | None = None
         self.now = 0
         self.power = {"outer": 0, "inner": 0}
         self._led_on = 0
-        self._led_at = None
+        self._led_at: int | None = None
         self._last_drops = 0
-        self._alarm_until = None
-        self._snapshot_at = None
-        self.snapshot = None
+        self._alarm_until: int | None = None
+        self._snapshot_at: int | None = None
+        self.snapshot: dict[str, Any] | None = None
         for name in OWN_POWER:
             pin = pins.get(name)
             if pin is not None:
@@ -155,7 +168,7 @@ class Pump:
             self._led_on = 1 - self._led_on
             self.led.value(self._led_on)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """Return the counters and line states as a JSON-ready dict."""
         filters = self.core.statistics()
         for direction, counters in filters.items():

@@ -24,9 +24,9 @@ import json
 try:
     from firmware.isolator import fakeboard, filtercore, pump
 except ImportError:  # on MicroPython the modules sit side by side
-    import fakeboard
-    import filtercore
-    import pump
+    import fakeboard  # type: ignore[no-redef]
+    import filtercore  # type: ignore[no-redef]
+    import pump  # type: ignore[no-redef]
 
 
 def run_vector(line: str) -> str:
