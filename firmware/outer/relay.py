@@ -94,10 +94,11 @@ def status_fields(
     """Return ``fields`` trimmed to what a StatusReport may carry.
 
     Keys that do not match the wire pattern are dropped, texts are cut to
-    the wire bound, and at most MAX_STATUS_ENTRIES entries are kept.
+    the wire bound, and the first MAX_STATUS_ENTRIES entries (in the order
+    given: the most important first) are kept.
     """
     out: dict[str, str | int | float | bool] = {}
-    for key, value in sorted(fields.items()):
+    for key, value in fields.items():
         if len(out) >= messages.MAX_STATUS_ENTRIES:
             break
         if len(key) > messages.MAX_STATUS_KEY or not messages.STATUS_KEY_PATTERN.fullmatch(key):
