@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import ssl
@@ -65,7 +66,7 @@ from firmware.inner.api import InnerApi
 from firmware.inner.builder import ServiceBuilder
 from firmware.inner.config import InnerConfig
 from firmware.inner.metering import InvalidAck, UsageJournal, check_ack
-from firmware.inner.observe import EventLog, Metrics
+from firmware.inner.observe import EventLog, LogBridge, Metrics
 from firmware.inner.runtimes import load_runtime
 from firmware.inner.runtimes.base import Limits, Runtime
 from firmware.inner.runtimes.python import PythonRuntimeConfig
@@ -172,6 +173,14 @@ class InnerDaemon:
 
         Raises ConfigError or another OptogateError when it cannot start.
         """
+        bridge = LogBridge(self.log)
+        logging.getLogger().addHandler(bridge)
+        try:
+            return await self._run_with_keys()
+        finally:
+            logging.getLogger().removeHandler(bridge)
+
+    async def _run_with_keys(self) -> int:
         cfg = self.config
         self._load_keys()
         cfg.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ them in the Prometheus text exposition format (version 0.0.4).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -110,3 +111,23 @@ class Metrics:
                 number = int(value) if float(value).is_integer() else value
                 lines.append(f"{name}{key} {number}")
         return "\n".join(lines) + "\n"
+
+
+class LogBridge(logging.Handler):
+    """Send the libraries' ``logging`` records (link, aiohttp) to the event log as one line each.
+
+    Only the first line of the message is kept: a traceback would spread one
+    event over many lines (and may quote request bytes).
+    """
+
+    def __init__(self, log: EventLog, level: int = logging.WARNING) -> None:
+        super().__init__(level)
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record as a ``library_log`` event."""
+        try:
+            message = record.getMessage().splitlines()[0] if record.msg else ""
+        except Exception:  # a bad format string in a library must not crash us
+            message = str(record.msg)
+        self._log("library_log", logger=record.name, level=record.levelname, message=message[:300])
