@@ -30,7 +30,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from central_stub.errors import AlreadyExists, Conflict, InvalidInput, NotFound
-from central_stub.licensing import LICENCE_REVISION, applies_to
+from central_stub.licensing import LICENCE_REVISION, applies_to, next_version
 from central_stub.repository import (
     AuditEntry,
     BundleVersion,
@@ -158,8 +158,8 @@ def _audit(tx: Transaction, now: int, actor: str, action: str, target: str, deta
     tx.append_audit(AuditEntry(now, actor, action, target, True, detail))
 
 
-def _bump_revision(tx: Transaction) -> int:
-    value = tx.get_counter(LICENCE_REVISION) + 1
+def _bump_revision(tx: Transaction, now: int) -> int:
+    value = next_version(tx.get_counter(LICENCE_REVISION), now)
     tx.set_counter(LICENCE_REVISION, value)
     return value
 
@@ -206,10 +206,10 @@ def _overlapping(
     return None
 
 
-def _touch_customer_licences(tx: Transaction, customer_id: str) -> None:
+def _touch_customer_licences(tx: Transaction, customer_id: str, now: int) -> None:
     """Bump the version of every licence of ``customer_id`` (its credentials changed)."""
     for lic in tx.list_licences(customer_id):
-        tx.put_licence(replace(lic, version=lic.version + 1))
+        tx.put_licence(replace(lic, version=next_version(lic.version, now)))
 
 
 # ---------------------------------------------------------------------------- customers
@@ -332,7 +332,7 @@ def register_gateway(
             registered=now,
         )
         tx.put_gateway(gateway)
-        _bump_revision(tx)
+        _bump_revision(tx, now)
         _audit(tx, now, actor, "gateway.register", gateway.gateway_id, f"customer={customer_id}")
     return gateway
 
@@ -350,7 +350,7 @@ def revoke_gateway(repo: Repository, gateway_id: str, *, now: int, actor: str) -
             raise Conflict(f"gateway {gateway_id!r} is already revoked")
         gw = replace(gw, revoked=now)
         tx.put_gateway(gw)
-        _bump_revision(tx)
+        _bump_revision(tx, now)
         _audit(tx, now, actor, "gateway.revoke", gateway_id, "")
     return gw
 
@@ -425,7 +425,7 @@ def publish_service(
             )
         record = BundleVersion(name, version, blob, len(data), now, key.key_id)
         tx.add_bundle(record)
-        _bump_revision(tx)
+        _bump_revision(tx, now)
         _audit(tx, now, actor, "service.publish", name, f"version={version} sha256={blob}")
     return record, True
 
@@ -469,7 +469,7 @@ def issue_licence(
             gateway_id=gateway_id,
             valid_from=valid_from,
             valid_until=valid_until,
-            version=1,
+            version=next_version(0, now),
             created=now,
         )
         clash = _overlapping(tx, licence)
@@ -480,7 +480,7 @@ def issue_licence(
             )
         licence = replace(licence, licence_id=_next_id(tx, "licence_ids", "lic"))
         tx.put_licence(licence)
-        _bump_revision(tx)
+        _bump_revision(tx, now)
         _audit(
             tx,
             now,
@@ -520,7 +520,7 @@ def record_payment(
         if lic.revoked is not None:
             raise Conflict(f"licence {licence_id} is revoked")
         until = max(lic.valid_until, now) + extend_seconds
-        updated = replace(lic, valid_until=until, version=lic.version + 1)
+        updated = replace(lic, valid_until=until, version=next_version(lic.version, now))
         clash = _overlapping(tx, updated, ignore=licence_id)
         if clash is not None:
             raise Conflict(f"the extension would overlap licence {clash.licence_id}")
@@ -535,7 +535,7 @@ def record_payment(
         )
         tx.add_payment(payment)
         tx.put_licence(updated)
-        _bump_revision(tx)
+        _bump_revision(tx, now)
         _audit(
             tx,
             now,
@@ -554,9 +554,9 @@ def revoke_licence(repo: Repository, licence_id: str, *, now: int, actor: str) -
         lic = _licence(tx, licence_id)
         if lic.revoked is not None:
             raise Conflict(f"licence {licence_id} is already revoked")
-        lic = replace(lic, revoked=now, version=lic.version + 1)
+        lic = replace(lic, revoked=now, version=next_version(lic.version, now))
         tx.put_licence(lic)
-        _bump_revision(tx)
+        _bump_revision(tx, now)
         _audit(tx, now, actor, "licence.revoke", licence_id, f"version={lic.version}")
     return lic
 
@@ -595,8 +595,8 @@ def issue_client_key(
             created=now,
         )
         tx.add_client_key(record)
-        _touch_customer_licences(tx, customer_id)
-        _bump_revision(tx)
+        _touch_customer_licences(tx, customer_id, now)
+        _bump_revision(tx, now)
         _audit(tx, now, actor, "client_key.issue", record.key_id, f"customer={customer_id}")
     return IssuedClientKey(record, issued.secret)
 

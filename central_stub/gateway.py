@@ -66,7 +66,7 @@ from typing import Final
 
 from central_stub.admin import gateway_keys
 from central_stub.errors import Refused
-from central_stub.licensing import Entitlement, entitlement, latest_bundles
+from central_stub.licensing import Entitlement, entitlement, latest_bundles, next_version
 from central_stub.repository import (
     AuditEntry,
     Gateway,
@@ -489,7 +489,7 @@ class GatewayConnection:
         digest = batch.digest.hex()
         known = svc.view().get_usage_batch(gateway.gateway_id, batch.batch_id)
         if known is None:
-            ack_version = svc.view().get_counter(USAGE_ACKS) + 1
+            ack_version = next_version(svc.view().get_counter(USAGE_ACKS), now)
             ack = seal(
                 encode_usage_ack(
                     UsageAckPayload(

@@ -13,7 +13,9 @@ The set's sealed-object **version** is central's ``licence_revision``
 counter, which every administrative change that can alter any licence set
 increases; each licence's own ``version`` grows whenever that licence
 changes (dates, credentials, revocation).  Both only ever increase, which
-is what the inner module's rollback registry demands.
+is what the inner module's rollback registry demands, and both follow
+:func:`next_version`, which keeps them increasing across a restore from
+backup.
 
 The gateway's **bundles** are the latest published version of every
 service it holds a licence for that is not revoked.
@@ -32,6 +34,19 @@ from firmware.common.licence import Licence, LicenceSet
 
 #: Counter bumped by every change that can alter a licence set.
 LICENCE_REVISION: Final = "licence_revision"
+#: Versions count in milliseconds of wall-clock time (see :func:`next_version`).
+MS_PER_SECOND: Final = 1000
+
+
+def next_version(previous: int, now: int) -> int:
+    """Return the version that follows ``previous`` at ``now`` (Unix seconds).
+
+    It is above ``previous`` and at least ``now`` in milliseconds, so after a
+    database restored from an older backup central still never hands out a
+    version a gateway has already seen (given a clock that moved forward):
+    the gateway's rollback registry would refuse a reused one.
+    """
+    return max(previous + 1, now * MS_PER_SECOND)
 
 
 @dataclass(frozen=True)

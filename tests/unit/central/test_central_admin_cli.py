@@ -240,6 +240,8 @@ def test_licences_payments_and_revocation(run: Run, state: Path, ready: dict[str
     _refused(run, state, *pay[:-1], "abc", "--extend", "1d", says="bad amount")
     _refused(run, state, *pay, "--extend", "30x", says="bad duration")
     _refused(run, state, *pay, "--extend", "1d", "--currency", "eur", says="currency")
+    unpaid = TinyRepository(state).snapshot().get_licence("lic-000002")
+    assert unpaid is not None
     rc, out, err = run("payment", "record", "--licence", "lic-000002", "--amount", "99",
                        "--extend", "30d")  # fmt: skip
     assert rc == 0, err
@@ -247,7 +249,7 @@ def test_licences_payments_and_revocation(run: Run, state: Path, ready: dict[str
     assert lic is not None
     base = max(admin.parse_time("2026-07-31", end_of_day=True), int(time.time()))
     assert abs(lic.valid_until - (base + 30 * 86400)) <= 5
-    assert lic.version == 2
+    assert lic.version > unpaid.version
     payments = TinyRepository(state).snapshot().list_payments("lic-000002")
     assert [(p.amount_minor, p.currency) for p in payments] == [(9900, "EUR")]
 
@@ -327,3 +329,19 @@ def test_dates_cover_whole_days(day: datetime.date) -> None:
     start, end = admin.parse_time(text), admin.parse_time(text, end_of_day=True)
     assert end - start == 86399
     assert admin.format_time(start).startswith(text)
+
+
+def test_versions_keep_growing_after_a_restore_from_backup(tmp_path: Path) -> None:
+    from central_stub.testing import make_central
+
+    now = 1_780_000_000
+    central = make_central(tmp_path, now=now)
+    repo = central.repo
+    backup = repo.path.read_bytes()
+    lic = admin.record_payment(repo, licence_id="lic-000001", amount_minor=100, currency="EUR",
+                               extend_seconds=86400, now=now + 60, actor="t")[1]  # fmt: skip
+    revision = repo.snapshot().get_counter("licence_revision")
+    repo.path.write_bytes(backup)  # the operator restores yesterday's copy
+    again = admin.revoke_licence(repo, "lic-000001", now=now + 120, actor="t")
+    assert again.version > lic.version
+    assert repo.snapshot().get_counter("licence_revision") > revision
