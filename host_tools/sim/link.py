@@ -35,11 +35,15 @@ line cuts and power loss.  This module is only the asyncio adapter around it:
 * **Control.**  A Unix socket takes one JSON object per line and answers one
   JSON line: ``{"cmd": "cut"}``, ``{"cmd": "restore"}``, ``{"cmd": "set",
   "ber": .., "drop": .., "latency": ..}`` (any subset), ``{"cmd": "power",
-  "side": "a", "on": false}``, ``{"cmd": "stats"}``.  Replies are ``{"ok":
-  true, ...}`` or ``{"ok": false, "error": "..."}``; a bad command changes
-  nothing.  ``{"cmd": "watch"}`` gets no reply line: the connection instead
-  receives ``{"event": "power", "side": .., "on": ..}`` for both sides at
-  once and then one line per power change, until either end closes it.
+  "side": "a", "on": false}`` (an unpowered side neither sends nor receives),
+  ``{"cmd": "stats"}`` (counters per direction: ``bytes_in``,
+  ``bytes_delivered``, ``bits_flipped``, ``bytes_dropped``, ``lost_cut``,
+  ``lost_power``, ``lost_unheard``, ``overrun``, ``in_flight``; and the line
+  state).  Replies are ``{"ok": true, ...}`` or ``{"ok": false, "error":
+  "..."}``; a bad command changes nothing.  ``{"cmd": "watch"}`` gets no reply
+  line: the connection instead receives ``{"event": "power", "side": ..,
+  "on": ..}`` for both sides at once and then one line per power change,
+  until either end closes it.
 
 What the simulator does not model: modem-control lines (the optical link has
 no RTS/CTS/DTR/DCD; pyserial's ioctls on a pty succeed and do nothing); the
@@ -107,7 +111,12 @@ class ControlError(LinkSimError, ValueError):
 
 
 class Middlebox(Protocol):
-    """Something on the line that sees, and may rewrite, each direction's bytes."""
+    """Something on the line that sees, and may rewrite, each direction's bytes.
+
+    A middlebox may also have ``statistics() -> dict``; if it does, the
+    simulator's stats include its result under ``"middlebox"``.  An exception
+    from ``process`` stops the relay and is raised to the simulator's owner.
+    """
 
     def process(self, direction: str, data: bytes) -> bytes:
         """Return the bytes to send on in ``direction`` after seeing ``data``."""
@@ -274,7 +283,7 @@ class LinkSimulator:
             raise failure
 
     async def wait_failed(self) -> None:
-        """Return (or raise) only when the relay stops by itself, i.e. it failed."""
+        """Wait for the relay to stop; raise its failure (it stops by itself only on one)."""
         assert self._relay_task is not None, "start() first"
         await asyncio.shield(self._relay_task)
 
@@ -637,6 +646,9 @@ def main(argv: list[str], prog: str) -> int:
             return asyncio.run(_serve(args, control, middlebox))
         except OSError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
+        except Exception as e:  # the relay failed: say so, and exit non-zero
+            log_to_stderr("failed", error=f"{type(e).__name__}: {e}")
             return 1
 
 
