@@ -65,7 +65,10 @@ class Pump:
 
     ``uarts``: {"outer": uart, "inner": uart}; ``pins``: the power pins by
     their configuration names (see POWER_MIRRORS and OWN_POWER); ``wdt`` and
-    ``led`` may be None.
+    ``led`` may be None.  ``power_in_active_low``: a power-sense input reads 0
+    while its module is powered (a phototransistor pulling a pulled-up pin
+    low, as docs/hardware.md wires it), so a dead coupler or an open wire reads
+    as "unpowered".  Outputs are active high: 1 lights the next coupler's LED.
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class Pump:
         pins: dict[str, Any],
         wdt: Any = None,
         led: Any = None,
+        power_in_active_low: bool = False,
     ) -> None:
         self.core = core
+        self.power_in_active_low = power_in_active_low
         self.routes = (
             (filtercore.A_TO_B, uarts["outer"], uarts["inner"]),
             (filtercore.B_TO_A, uarts["inner"], uarts["outer"]),
@@ -138,6 +143,8 @@ class Pump:
             if inp is None:
                 continue
             level = 1 if inp.value() else 0
+            if self.power_in_active_low:
+                level = 1 - level
             self.power["outer" if source == "outer_power_in" else "inner"] = level
             if out is not None:
                 out.value(level)

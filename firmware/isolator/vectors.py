@@ -42,8 +42,9 @@ def run_vector(line: str) -> str:
 def run_pump(line: str) -> str:
     """Run a board vector through the pump with fake hardware; return the result line.
 
-    The vector: ``{"config": ..., "write_limit": n or null, "steps": [[now_ms,
-    "hex from outer", "hex from inner", outer_power, inner_power], ...]}``.
+    The vector: ``{"config": ..., "write_limit": n or null,
+    "power_in_active_low": bool, "steps": [[now_ms, "hex from outer",
+    "hex from inner", outer_power_pin, inner_power_pin], ...]}``.
     The result: per step the hex written to the inner and outer UARTs and the
     levels of every output pin and the LED, then the watchdog feeds and the
     pump's final status.
@@ -61,7 +62,8 @@ def run_pump(line: str) -> str:
         pins[name] = fakeboard.FakePin()
     wdt = fakeboard.FakeWdt()
     led = fakeboard.FakePin()
-    box = pump.Pump(core, uarts, pins, wdt, led)
+    active_low = bool(vector.get("power_in_active_low", False))
+    box = pump.Pump(core, uarts, pins, wdt, led, power_in_active_low=active_low)
     steps = []
     for now, from_outer, from_inner, outer_power, inner_power in vector["steps"]:
         uarts["outer"].inject(bytes.fromhex(from_outer))

@@ -61,16 +61,19 @@ def _build(raw):
         "inner": _uart(board["inner_uart"], baudrate, rxbuf, txbuf),
     }
     pins = {}
+    active_low = board.get("power_in_active_low", True)
+    # active low: the coupler's phototransistor pulls the pin down while the
+    # module is powered, the pull-up makes an absent module (or a dead
+    # coupler) read as unpowered
+    pull = machine.Pin.PULL_UP if active_low else machine.Pin.PULL_DOWN
     for source, sink in pump.POWER_MIRRORS:
-        # the optocoupler's phototransistor sources current into the pin
-        # when the module is powered: pull down so an absent module reads 0
-        pins[source] = machine.Pin(board[source], machine.Pin.IN, machine.Pin.PULL_DOWN)
+        pins[source] = machine.Pin(board[source], machine.Pin.IN, pull)
         pins[sink] = machine.Pin(board[sink], machine.Pin.OUT, value=0)
     for name in pump.OWN_POWER:
         pins[name] = machine.Pin(board[name], machine.Pin.OUT, value=0)
     led = machine.Pin(board.get("led", "LED"), machine.Pin.OUT, value=0)
     wdt = machine.WDT(timeout=board.get("watchdog_ms", 5000))
-    return pump.Pump(core, uarts, pins, wdt, led)
+    return pump.Pump(core, uarts, pins, wdt, led, power_in_active_low=active_low)
 
 
 def _loop(box):

@@ -26,6 +26,7 @@ class Pin(fakeboard.FakePin):
 
     IN = 0
     OUT = 1
+    PULL_UP = 1
     PULL_DOWN = 2
 
     def __init__(self, ident, mode=0, pull=0, value=0) -> None:

@@ -147,16 +147,19 @@ def test_errors_cross_back(micropython: wasmpy.MicroPythonServer) -> None:
         max_size=12,
     ),
     write_limit=st.one_of(st.none(), st.integers(0, 500)),
+    active_low=st.booleans(),
 )
 def test_board_loop_agrees(
     micropython_pump: wasmpy.MicroPythonServer,
     steps: list[tuple[int, bytes, bytes, int, int]],
     write_limit: int | None,
+    active_low: bool,
 ) -> None:
     now = 0
     plan = []
     for dt, from_outer, from_inner, outer_power, inner_power in steps:
         now += dt
         plan.append([now, from_outer.hex(), from_inner.hex(), outer_power, inner_power])
-    line = json.dumps({"config": suite.shipped_config(), "write_limit": write_limit, "steps": plan})
+    vector = {"config": suite.shipped_config(), "write_limit": write_limit, "steps": plan}
+    line = json.dumps({**vector, "power_in_active_low": active_low})
     assert json.loads(micropython_pump.call(line)) == json.loads(vectors.run_pump(line))

@@ -36,7 +36,7 @@ def fake_machine() -> types.ModuleType:
     made: dict[str, Any] = {"uarts": [], "pins": {}, "wdt": []}
 
     class Pin(fakeboard.FakePin):
-        IN, OUT, PULL_DOWN = 0, 1, 2
+        IN, OUT, PULL_UP, PULL_DOWN = 0, 1, 3, 2
 
         def __init__(self, ident: object, mode: int = 0, pull: int = 0, value: int = 0) -> None:
             super().__init__(value)
@@ -106,7 +106,9 @@ def test_start_runs_the_loop_and_status_prints_json(
     assert made["wdt"][0].timeout == 5000
     assert made["wdt"][0].feeds == FEEDS_BEFORE_STOP
     assert made["pins"][10].level == made["pins"][11].level == 1  # own power lines
-    assert made["pins"][2].pull == board.Pin.PULL_DOWN
+    assert made["pins"][2].pull == board.Pin.PULL_UP  # power sense is active low
+    # the fake pins read 0: with active-low sense both modules count as powered
+    assert made["pins"][3].level == made["pins"][7].level == 1
     app.status()
     printed = json.loads(capsys.readouterr().out)
     assert printed["running"] is False

@@ -51,6 +51,20 @@ def test_power_lines_cross_over_and_own_power_is_reported() -> None:
         assert box.status()["power"] == {"outer": outer, "inner": inner}
 
 
+def test_active_low_power_sense_fails_safe() -> None:
+    core = Filter(FilterConfig(suite.shipped_config()))
+    uarts = {"outer": FakeUart(), "inner": FakeUart()}
+    pins = {name: FakePin(1) for src_dst in pump.POWER_MIRRORS for name in src_dst}
+    box = pump.Pump(core, uarts, pins, power_in_active_low=True)
+    box.step(0)  # inputs high: an open wire or a dark coupler
+    assert pins["inner_power_out"].level == pins["outer_power_out"].level == 0
+    pins["outer_power_in"].level = 0  # the outer module's coupler conducts
+    box.step(1)
+    assert pins["inner_power_out"].level == 1
+    assert pins["outer_power_out"].level == 0
+    assert box.status()["power"] == {"outer": 1, "inner": 0}
+
+
 def test_watchdog_is_fed_every_step() -> None:
     box, hw = make()
     for t in range(25):
