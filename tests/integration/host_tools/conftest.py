@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inner"))
 from inner_testbed import (
     CentralPeer,
     DaemonRunner,
-    Provisioned,
+    Gateway,
     algo_bundle,
     free_port,
     generate_api_key,
     provisioned,
 )
-
-from firmware.common.crypto.apikeys import IssuedApiKey
-
-
-@dataclass
-class Gateway:
-    gw: Provisioned
-    peer: CentralPeer
-    daemon: DaemonRunner
-    key: IssuedApiKey
-    url: str
 
 
 @pytest.fixture

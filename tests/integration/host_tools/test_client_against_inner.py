@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Gateway
+from inner_testbed import Gateway
 
 from host_tools import client as lib
 

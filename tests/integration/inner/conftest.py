@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 from inner_testbed import (
+    Bed,
     CentralPeer,
     DaemonRunner,
-    Provisioned,
     algo_bundle,
     free_port,
     generate_api_key,
     provisioned,
     ssl_context,
 )
-
-from firmware.common.crypto.apikeys import IssuedApiKey
-
-
-@dataclass
-class Bed:
-    gw: Provisioned
-    peer: CentralPeer
-    daemon: DaemonRunner
-    key: IssuedApiKey
-    http: httpx.AsyncClient
-
-    def auth(self, key: IssuedApiKey | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {(key or self.key).secret}"}
 
 
 @pytest.fixture

@@ -447,8 +447,35 @@ def provisioned(link_port: int, extra: str = "") -> Iterator[Provisioned]:
         cleanup(gw)
 
 
+@dataclass
+class Bed:
+    """What the inner tests get: a gateway, its peer, its daemon, a licensed key, a client."""
+
+    gw: Provisioned
+    peer: CentralPeer
+    daemon: DaemonRunner
+    key: IssuedApiKey
+    http: Any
+
+    def auth(self, key: IssuedApiKey | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {(key or self.key).secret}"}
+
+
+@dataclass
+class Gateway:
+    """What the client-library tests get: a running gateway and its licensed key."""
+
+    gw: Provisioned
+    peer: CentralPeer
+    daemon: DaemonRunner
+    key: IssuedApiKey
+    url: str
+
+
 __all__ = [
     "GW",
+    "Bed",
+    "Gateway",
     "REFERENCE",
     "CentralPeer",
     "DaemonRunner",

@@ -9,8 +9,7 @@ import ssl
 import cbor2
 import httpx
 import pytest
-from conftest import Bed
-from inner_testbed import algo_bundle, generate_api_key
+from inner_testbed import Bed, algo_bundle, generate_api_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -8,8 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Bed
-from inner_testbed import algo_bundle
+from inner_testbed import Bed, algo_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

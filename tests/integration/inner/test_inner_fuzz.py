@@ -10,8 +10,7 @@ import ssl
 
 import httpx
 import pytest
-from conftest import Bed
-from inner_testbed import ssl_context
+from inner_testbed import Bed, ssl_context
 
 pytestmark = [pytest.mark.integration]
 

@@ -8,8 +8,8 @@ import json
 
 import httpx
 import pytest
-from conftest import Bed
 from inner_testbed import (
+    Bed,
     CentralPeer,
     DaemonProcess,
     algo_bundle,

@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import pytest
 import yaml
-from conftest import Bed
+from inner_testbed import Bed
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
