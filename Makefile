@@ -6,10 +6,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-# Debian packages the test suite drives (each test that needs one also checks
-# for it and says which package is missing).  Installed once, as root, when a
-# package is absent; `make sysdeps` on its own does just this.
-SYS_PACKAGES := nodejs npm clang lld
+# Programs the test suite drives, as COMMAND:DEBIAN-PACKAGE (each test that
+# needs one also checks for it and says which package is missing).  A package
+# is installed, as root, only when its command is absent: judging by command
+# rather than by package keeps a machine whose Node.js came from elsewhere
+# (bundling npm) from being offered a conflicting Debian npm.  `make sysdeps`
+# on its own does just this.
+SYS_TOOLS := node:nodejs npm:npm clang:clang wasm-ld:lld
 
 .PHONY: demo test test-quick test-boot lint sysdeps bench clean wasm
 
@@ -20,8 +23,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 sysdeps:
-	@missing=""; for p in $(SYS_PACKAGES); do \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for t in $(SYS_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
