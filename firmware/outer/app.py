@@ -59,7 +59,7 @@ from firmware.common.power.monitor import (
 )
 from firmware.common.power.watcher import LedDriver, PowerWatcher
 from firmware.common.store.atomic import atomic_write
-from firmware.inner import sdnotify
+from firmware.outer import sdnotify
 from firmware.outer.cache import SealedCache
 from firmware.outer.config import OuterConfig
 from firmware.outer.policy import CallState
@@ -91,8 +91,16 @@ def log_json(event: str, **fields: object) -> None:
 class OuterDaemon:
     """The outer module; see the module docstring.  ``await run()`` returns the exit status."""
 
-    def __init__(self, config: OuterConfig, *, log: Callable[..., None] = log_json) -> None:
+    def __init__(
+        self,
+        config: OuterConfig,
+        *,
+        log: Callable[..., None] = log_json,
+        backend: GpioBackend | None = None,
+    ) -> None:
+        """``backend`` replaces the one ``[gpio]`` names (tests drive a SimGpio)."""
         self.config = config
+        self._backend = backend
         self._log = log
         self._links: set[Link] = set()
         self._stop = asyncio.Event()
@@ -144,7 +152,7 @@ class OuterDaemon:
         backend: GpioBackend | None = None
         try:
             try:
-                backend = load_backend(cfg.gpio.backend)
+                backend = self._backend or load_backend(cfg.gpio.backend)
                 optical = await self._open_optical(relay)
             except OptogateError as e:
                 self._log("startup_failed", error=str(e))
@@ -258,7 +266,7 @@ class OuterDaemon:
         self._leds = leds
         parts = [PowerWatcher(backend, cfg.gpio).run(self._on_power, self._on_power_ready)]
         parts.append(leds.run())
-        if cfg.gpio.backend == "sim":
+        if cfg.gpio.backend == "sim" and cfg.sim_control:
             from firmware.common.power.sim import SimGpio
             from firmware.common.power.simlink import SimLinkFollower
 
@@ -309,6 +317,7 @@ class OuterDaemon:
                 fields[f"optical.{key}"] = value
         for key, value in sorted(self.counters.items()):
             fields[f"outer.{key}"] = value
+        fields["outer.notify_dropped"] = sdnotify.counters["dropped"]
         return fields
 
     def _write_status(self, state: str | None = None) -> None:

@@ -415,10 +415,10 @@ class Uplink:
                 self._log("auth_refused", transport=connector.name, error=str(e))
                 raise
             except (OptogateError, OSError) as e:
-                text = f"{connector.name}: {e}"
-                errors.append(text)
+                reason = str(e) or type(e).__name__  # a bare TimeoutError says nothing
+                errors.append(f"{connector.name}: {reason}")
                 self.counters[f"connect_failures_{connector.name}"] += 1
-                self._log("connect_failed", transport=connector.name, error=str(e))
+                self._log("connect_failed", transport=connector.name, error=reason)
                 continue
             self.policy.connected(connector.name, self._loop.time())
             self._call = call

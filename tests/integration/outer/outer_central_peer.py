@@ -153,7 +153,7 @@ class CentralPeer:
         async def handler(msg: m.Message) -> m.Message:
             nonlocal nonce, authenticated
             self.requests.append((number, msg.KIND.name))
-            if self.reply_delay:
+            if self.reply_delay and not isinstance(msg, m.AuthBegin | m.AuthProof):
                 await asyncio.sleep(self.reply_delay)
             if isinstance(msg, m.AuthBegin):
                 if self.refuse_auth or msg.gateway_id != GATEWAY:

@@ -1,0 +1,342 @@
+"""The outer daemon end to end: an inner-module CLIENT link on one side, a real central peer
+on the other, the relay's allowlist, cache, typed errors and the power lines in between."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from outer_central_peer import CentralPeer, Keys
+
+from firmware.common.adapters.tcp import StreamTransport, connect_tcp
+from firmware.common.errors import LinkDown, OptogateError, RemoteError
+from firmware.common.link import messages as m
+from firmware.common.link.link import Link
+from firmware.common.link.session import Role, SessionConfig
+from firmware.common.power.sim import SimGpio
+from firmware.outer.app import EXIT_POWER, OuterDaemon
+from firmware.outer.cache import digest_of
+from firmware.outer.config import parse_config
+
+pytestmark = [pytest.mark.integration]
+
+
+def config_doc(tmp: Path, peer: CentralPeer, ca: Path, **uplink: object) -> dict[str, Any]:
+    return {
+        "gateway": {"keys_dir": str(tmp / "outer"), "state_dir": str(tmp / "state")},
+        "optical": {"transport": "tcp", "listen": "127.0.0.1:0"},
+        "uplink": {
+            "order": ["internet"],
+            "sync_at_start": False,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 0.5,
+            "connect_timeout_s": 5.0,
+            "request_timeout_s": 10.0,
+            **uplink,
+        },
+        "internet": {"host": "127.0.0.1", "port": peer.tls_port, "ca": str(ca)},
+    }
+
+
+async def until(predicate: Callable[[], bool], limit: float) -> None:
+    async with asyncio.timeout(limit):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Outer:
+    daemon: OuterDaemon
+    task: asyncio.Task[int]
+    peer: CentralPeer
+    keys: Keys
+    gpio: SimGpio
+    tmp: Path
+
+    async def inner(self, wrap: Callable[[StreamTransport], Any] | None = None) -> Link:
+        host, port = self.daemon.optical_address.rsplit(":", 1)
+        transport: Any = await connect_tcp(host, int(port))
+        if wrap is not None:
+            transport = wrap(transport)
+        link = Link(transport, SessionConfig(role=Role.CLIENT, baud=None))
+        await link.wait_up(5.0)
+        return link
+
+
+@contextlib.asynccontextmanager
+async def outer_daemon(tmp_path: Path, **uplink: object) -> AsyncIterator[Outer]:
+    keys = Keys()
+    tls = keys.write_tls(tmp_path / "tls")
+    keys.write_outer_dir(tmp_path / "outer")
+    peer = await CentralPeer(keys, tls, bundle_size=4000).start()
+    doc = config_doc(tmp_path, peer, tls[0], **uplink)
+    gpio = SimGpio()
+    gpio.pin(17).drive(False)  # the inner module is powered (active low)
+    gpio.pin(27).drive(True)  # our own supply is good
+    config = parse_config(doc, tmp_path)
+    daemon = OuterDaemon(config, backend=gpio)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await until(lambda: bool(daemon.optical_address) or task.done(), 5)
+        assert not task.done(), "the daemon did not start"
+        yield Outer(daemon, task, peer, keys, gpio, tmp_path)
+    finally:
+        if not task.done():
+            os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 10)
+        await peer.aclose()
+
+
+async def close(link: Link) -> None:
+    with contextlib.suppress(OptogateError):
+        await link.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_relay_refuses_requests_outside_the_allowlist(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner()
+        try:
+            for msg in (
+                m.AuthBegin(gateway_id="gw-test"),
+                m.AuthProof(signature=b"x"),
+                m.LinkEcho(nonce=b"n", sent_at=0.0),
+            ):
+                with pytest.raises(RemoteError) as info:
+                    await inner.request(msg, timeout=5)
+                assert info.value.code == "not_allowed"
+            status = await inner.request(m.Status(), timeout=5, expect=m.StatusReport)
+            assert status.fields["relay.refused"] == 3
+            assert outer.peer.kinds() == []  # nothing reached central
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_repeated_fetch_is_served_from_the_cache_without_a_call(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner()
+        try:
+            fetch = m.FetchService(service="dxf", have_version=None)
+            first = await inner.request(fetch, timeout=10, expect=m.Service)
+            assert first.sealed_bundle == outer.peer.bundle
+            assert outer.peer.kinds().count("FETCH_SERVICE") == 1
+            second = await inner.request(fetch, timeout=10, expect=m.Service)
+            assert second == first
+            held = await inner.request(
+                m.FetchService(service="dxf", have_version=3), timeout=10, expect=m.Service
+            )
+            assert held.sealed_bundle == b"" and held.sealed_licence == first.sealed_licence
+            assert outer.peer.kinds().count("FETCH_SERVICE") == 1
+            status = await inner.request(m.Status(), timeout=5, expect=m.StatusReport)
+            assert status.fields["relay.cache_hits"] == 2
+            assert status.fields["uplink.calls"] == 1
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_corrupt_cache_object_goes_to_central_again(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner()
+        try:
+            fetch = m.FetchService(service="dxf", have_version=None)
+            first = await inner.request(fetch, timeout=10, expect=m.Service)
+            blob = tmp_path / "state" / "cache" / "objects" / digest_of(first.sealed_bundle)
+            blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+            again = await inner.request(fetch, timeout=10, expect=m.Service)
+            assert again.sealed_bundle == outer.peer.bundle
+            assert outer.peer.kinds().count("FETCH_SERVICE") == 2
+            assert blob.read_bytes() == outer.peer.bundle  # rewritten whole
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_tampered_object_from_central_is_refused_and_not_cached(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        good = outer.peer.bundle
+        outer.peer.bundle = good[:-70] + bytes([good[-70] ^ 1]) + good[-69:]
+        inner = await outer.inner()
+        try:
+            with pytest.raises(RemoteError) as info:
+                await inner.request(m.FetchService(service="dxf", have_version=None), timeout=10)
+            assert info.value.code == "bad_upstream_object"
+            assert not list((tmp_path / "state" / "cache" / "objects").iterdir())
+            outer.peer.bundle = good
+            reply = await inner.request(
+                m.FetchService(service="dxf", have_version=None), timeout=10, expect=m.Service
+            )
+            assert reply.sealed_bundle == good
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_unreachable_central_answers_quickly_typed_and_cache_still_serves(
+    tmp_path: Path,
+) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner()
+        try:
+            first = await inner.request(
+                m.FetchService(service="dxf", have_version=None), timeout=10, expect=m.Service
+            )
+            await outer.peer.aclose()  # central goes away: its port is closed
+            with pytest.raises(RemoteError) as info:
+                await inner.request(m.UsageReport(batch=b"batch"), timeout=10)
+            assert info.value.code == "central_unreachable"
+            assert info.value.retry_after is not None and info.value.retry_after > 0
+            cached = await inner.request(
+                m.FetchService(service="dxf", have_version=None), timeout=10, expect=m.Service
+            )
+            assert cached == first
+            with pytest.raises(RemoteError) as unknown:
+                await inner.request(m.FetchService(service="cad", have_version=None), timeout=10)
+            assert unknown.value.code == "central_unreachable"
+        finally:
+            await close(inner)
+
+
+class Noisy:
+    """A transport that puts garbage on the line before every write."""
+
+    def __init__(self, inner: StreamTransport) -> None:
+        self._inner = inner
+        self.name = "noisy"
+
+    async def read(self) -> bytes:
+        return await self._inner.read()
+
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(b"\x00\x17\xffgarbage\x01\x02\x00" + data)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_garbage_on_the_optical_line_is_counted_and_service_continues(
+    tmp_path: Path,
+) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner(wrap=Noisy)
+        try:
+            reply = await inner.request(m.Sync(since_version=0), timeout=10, expect=m.SyncData)
+            assert reply.sealed
+            status = await inner.request(m.Status(), timeout=5, expect=m.StatusReport)
+            dropped = sum(
+                int(v) for k, v in status.fields.items() if k.startswith("optical.dropped_")
+            )
+            assert dropped > 0, status.fields
+            assert status.fields["outer.state"] == "running"
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_inner_power_loss_forces_the_link_down_at_once(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner()
+        try:
+            outer.peer.reply_delay = 3.0  # a request in flight when the power goes
+            pending = asyncio.create_task(inner.request(m.Sync(since_version=0), timeout=20))
+            await until(lambda: "SYNC" in outer.peer.kinds(), 10)
+            outer.gpio.pin(17).drive(True)  # the inner module's supply is gone
+            with pytest.raises(LinkDown):
+                await asyncio.wait_for(pending, 2.0)
+            assert outer.daemon.counters["peer_power_lost"] == 1
+            assert not outer.task.done()
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_own_power_loss_stops_with_a_distinct_status(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        outer.gpio.pin(27).drive(False)
+        assert await asyncio.wait_for(outer.task, 10) == EXIT_POWER
+        status = json.loads((tmp_path / "state" / "status.json").read_text())
+        assert status["outer.state"] == "stopped"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.slow
+async def test_cli_run_status_and_sd_notify(tmp_path: Path) -> None:
+    keys = Keys()
+    tls = keys.write_tls(tmp_path / "tls")
+    keys.write_outer_dir(tmp_path / "outer")
+    peer = await CentralPeer(keys, tls).start()
+    doc = config_doc(tmp_path, peer, tls[0])
+    lines = []
+    for table, values in doc.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    (tmp_path / "outer.toml").write_text("\n".join(lines) + "\n")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setblocking(False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"}
+    cmd = [sys.executable, "-m", "host_tools.cli", "outer"]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, "run", "--config", str(tmp_path / "outer.toml"), stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        address = ""
+        async with asyncio.timeout(20):
+            while True:
+                line = await proc.stdout.readline()
+                assert line, "the daemon exited"
+                event = json.loads(line)
+                if event["event"] == "optical_listening":
+                    address = event["address"]
+                if event["event"] == "ready":
+                    break
+        loop = asyncio.get_running_loop()
+        got = b""
+        async with asyncio.timeout(10):
+            while b"WATCHDOG=1" not in got:
+                got += await loop.sock_recv(notify, 4096)
+        assert b"READY=1" in got
+        host, port = address.rsplit(":", 1)
+        link = Link(await connect_tcp(host, int(port)), SessionConfig(role=Role.CLIENT, baud=None))
+        try:
+            reply = await link.request(m.Status(), timeout=10, expect=m.StatusReport)
+            assert reply.fields["uplink.state"] == "idle"
+            assert reply.fields["optical.connected"] is True
+        finally:
+            await close(link)
+        await asyncio.sleep(2.5)  # one status-file period
+        status = await asyncio.create_subprocess_exec(
+            *cmd, "status", "--config", str(tmp_path / "outer.toml"), stdout=subprocess.PIPE
+        )
+        out, _ = await status.communicate()
+        assert status.returncode == 0, out
+        assert b"uplink.state" in out and b"modem.state" not in out
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        status = await asyncio.create_subprocess_exec(
+            *cmd, "status", "--config", str(tmp_path / "outer.toml"), stdout=subprocess.PIPE
+        )
+        out, _ = await status.communicate()
+        assert status.returncode == 1 and b"not running" in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        notify.close()
+        await peer.aclose()
