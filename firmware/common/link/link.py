@@ -39,6 +39,9 @@ Everything else is bookkeeping on top of the session's events:
   kind; the server role never sends a request-range kind.  Maintenance kinds
   (0x80-0xBF: the technician's link test) travel either way.  What arrives
   against these rules is dropped and counted; it never reaches a handler.
+* **State.**  :attr:`Link.connected` and :attr:`Link.failed` say where the
+  link stands; :meth:`Link.add_listener` is told of every SessionUp,
+  SessionDown and, once, :class:`LinkFailed`, so a daemon need not poll.
 * **Nothing dies silently.**  If a background task fails (the port went
   away, or a bug), every exchange in flight fails with that error, every
   later call raises it, and :meth:`Link.aclose` raises it if no caller has
@@ -102,6 +105,18 @@ DEFAULT_CONCURRENCY: Final = 16
 SPIN_GUARD: Final = 0.002
 
 Handler = Callable[[messages.Message], Awaitable[messages.Message | None]]
+
+
+@dataclass(frozen=True)
+class LinkFailed:
+    """A background task of the link failed; the link is unusable from now on."""
+
+    error: BaseException
+
+
+#: What a state listener receives: the session's up/down events, or the end.
+StateEvent = SessionUp | SessionDown | LinkFailed
+Listener = Callable[[StateEvent], None]
 _R = TypeVar("_R", bound=messages.Message)
 
 
@@ -168,6 +183,7 @@ class Link:
         self._handler_crash: BaseException | None = None
         self._serving = False
         self._closed = False
+        self._listeners: list[Listener] = []
         self._tasks = [
             self._loop.create_task(self._read_loop(), name=f"link-read {transport.name}"),
             self._loop.create_task(self._pump_loop(), name=f"link-pump {transport.name}"),
@@ -314,6 +330,14 @@ class Link:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` on every SessionUp, SessionDown and LinkFailed.
+
+        Listeners run synchronously inside the link's driving loop and must
+        not block; one that raises is a bug and fails the link.
+        """
+        self._listeners.append(listener)
 
     def force_down(self, error: LinkDown) -> None:
         """Take the session down now (the peer's power line dropped, say).
@@ -483,6 +507,7 @@ class Link:
             elif isinstance(event, SessionUp):
                 self._generation += 1
                 self._up.set()
+                self._notify(event)
                 logger.info(
                     "link up on %s (peer epoch %016x%s)",
                     self._transport.name,
@@ -493,6 +518,17 @@ class Link:
                 self._up.clear()
                 self._fail_generation(event.error)
                 logger.warning("link down on %s: %s", self._transport.name, event.error)
+                self._notify(event)
+
+    def _notify(self, event: StateEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception as e:
+                if isinstance(event, LinkFailed):
+                    logger.exception("link state listener failed")
+                else:
+                    self._fail(e)
 
     def _fail_generation(self, error: LinkError) -> None:
         """Fail every exchange sent in the session instance that just ended."""
@@ -616,6 +652,7 @@ class Link:
             ex.fail(error)
         self._up.set()
         self._incoming_ready.set()
+        self._notify(LinkFailed(error))
 
     def _count(self, name: str) -> None:
         self._stats[name] = self._stats.get(name, 0) + 1

@@ -23,8 +23,8 @@ from firmware.common.errors import (
     RemoteError,
 )
 from firmware.common.link import messages as m
-from firmware.common.link.link import Link
-from firmware.common.link.session import Role, SessionConfig
+from firmware.common.link.link import Link, LinkFailed
+from firmware.common.link.session import Role, SessionConfig, SessionDown, SessionUp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -104,9 +104,11 @@ async def with_links(
         await server.wait_up(5)
         await body(client, server)
     finally:
-        await client.aclose()
-        await close_quietly(server)
-        await asyncio.wait_for(serving, 5)
+        try:
+            await client.aclose()
+        finally:
+            await close_quietly(server)
+            await asyncio.wait_for(serving, 5)
 
 
 @pytest.mark.asyncio
@@ -387,3 +389,44 @@ async def test_connect_tcp_refused_is_a_port_error() -> None:
     await server_sock.wait_closed()
     with pytest.raises(PortError, match="cannot connect"):
         await connect_tcp("127.0.0.1", port)
+
+
+async def test_listeners_hear_up_down_and_failure(pty_pair: PtyPair) -> None:
+    server = Link(FdTransport(pty_pair.master, "pty-master", close_fd=False), config(Role.SERVER))
+    client = Link(await open_serial(pty_pair.path, BAUD), config(Role.CLIENT))
+    pty_pair.release_slave()
+    heard: list[object] = []
+    client.add_listener(heard.append)
+    try:
+        await client.wait_up(5)
+        client.force_down(LinkDown("power line"))
+        await client.wait_up(5)
+        await server.aclose()
+        pty_pair.close()  # the line is gone: the client's port hangs up
+        for _ in range(200):
+            if client.failed:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await close_quietly(client)
+    kinds = [type(e) for e in heard]
+    assert kinds == [SessionUp, SessionDown, SessionUp, LinkFailed]
+    assert isinstance(heard[1], SessionDown)
+    assert "power line" in str(heard[1].error)
+    assert isinstance(heard[3], LinkFailed)
+    assert isinstance(heard[3].error, PortError)
+
+
+async def test_a_listener_that_raises_fails_the_link(pty_pair: PtyPair) -> None:
+    def broken(event: object) -> None:
+        raise KeyError("listener bug")
+
+    async def body(client: Link, server: Link) -> None:
+        client.add_listener(broken)
+        client.force_down(LinkDown("test"))
+        assert client.failed
+        with pytest.raises(KeyError):
+            await client.request(m.Status())
+
+    with pytest.raises(KeyError):  # a bug is raised by aclose even once reported
+        await with_links(pty_pair, body)
