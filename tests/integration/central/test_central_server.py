@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,12 +18,19 @@ from pathlib import Path
 import pytest
 
 from central_stub import admin
+from central_stub.cli import main as cli_main
 from central_stub.client import authenticate
 from central_stub.config import Listen
 from central_stub.gateway import CentralService
-from central_stub.server import CentralServer, tls_client_context, tls_server_context
+from central_stub.server import (
+    CentralServer,
+    core_executor,
+    serve_connection,
+    tls_client_context,
+    tls_server_context,
+)
 from central_stub.testing import TempCentral, make_central, write_config
-from firmware.common.adapters.tcp import connect_tcp
+from firmware.common.adapters.tcp import StreamTransport, connect_tcp
 from firmware.common.crypto.freshness import SyncVerifier
 from firmware.common.crypto.keys import SigningKey
 from firmware.common.crypto.sealed import Kind
@@ -216,7 +224,9 @@ def central_process(config: Path) -> Iterator[tuple[subprocess.Popen[str], int]]
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_restarting_central_between_requests_loses_nothing(central: TempCentral) -> None:
+def test_restarting_central_between_requests_loses_nothing(
+    central: TempCentral, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = write_config(central)
     batch = _batch(central, "batch-r")
     gw = central.gateways["gw1"]
@@ -240,8 +250,12 @@ def test_restarting_central_between_requests_loses_nothing(central: TempCentral)
     actions = [a.action for a in central.repo.snapshot().list_audit()]
     assert actions.count("usage.store") == 1
     assert actions.count("usage.duplicate") == 1
-    status = json.loads((central.config.state_dir / "status.json").read_text())
+    capsys.readouterr()
+    assert cli_main(["status", "--config", str(config)], "optogate central") == 0
+    status = json.loads(capsys.readouterr().out)
     assert status["stopped"] is True
+    assert status["auth_ok"] == 1  # the second run's counters
+    assert status["usage_duplicate"] == 1
 
 
 def test_tls_context_rejects_missing_files(tmp_path: Path) -> None:
@@ -249,3 +263,51 @@ def test_tls_context_rejects_missing_files(tmp_path: Path) -> None:
         tls_server_context(tmp_path / "no.crt", tmp_path / "no.key")
     with pytest.raises(PortError):
         tls_client_context(tmp_path / "no-ca.crt")
+
+
+@contextlib.asynccontextmanager
+async def socket_pair() -> AsyncIterator[tuple[StreamTransport, StreamTransport]]:
+    a, b = socket.socketpair()
+    ra, wa = await asyncio.open_connection(sock=a)
+    rb, wb = await asyncio.open_connection(sock=b)
+    ends = (StreamTransport(ra, wa), StreamTransport(rb, wb))
+    try:
+        yield ends
+    finally:
+        for end in ends:
+            await end.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_watchdog_closes_silent_and_failing_connections(central: TempCentral) -> None:
+    service = CentralService(central.repo, central.key, sync_expiry=86400)
+    executor = core_executor()
+    closed: list[dict[str, object]] = []
+
+    def log(event: str, **fields: object) -> None:
+        if event == "connection_closed":
+            closed.append(fields)
+
+    try:
+        # never authenticates: closed after auth_timeout
+        async with socket_pair() as (server_end, client_end):
+            link = Link(client_end, SessionConfig(role=Role.CLIENT, baud=None))
+            await serve_connection(service, server_end, executor=executor, log=log, auth_timeout=1)
+            with contextlib.suppress(OptogateError):
+                await link.aclose()
+        # three refused attempts: closed
+        async with socket_pair() as (server_end, client_end):
+            link = Link(client_end, SessionConfig(role=Role.CLIENT, baud=None))
+            serving = asyncio.ensure_future(
+                serve_connection(service, server_end, executor=executor, log=log)
+            )
+            for _ in range(3):
+                with pytest.raises(RemoteError):
+                    await authenticate(link, "ghost", SigningKey.generate(), central.key.key_id)
+            await asyncio.wait_for(serving, 10)
+            with contextlib.suppress(OptogateError):
+                await link.aclose()
+    finally:
+        executor.shutdown()
+    assert [c["reason"] for c in closed] == ["auth_timeout", "too_many_auth_failures"]
+    assert service.counters["closed_auth_timeout"] == 1
