@@ -109,6 +109,13 @@ class Line:
         assert answer["ok"], answer
         return answer
 
+    def wait_delivered(self, direction: str, nbytes: int, timeout: float = 30) -> None:
+        """Wait until the simulator has delivered ``nbytes`` in ``direction``."""
+        deadline = time.monotonic() + timeout
+        while self.command({"cmd": "stats"})["stats"][direction]["bytes_delivered"] < nbytes:
+            assert time.monotonic() < deadline, f"fewer than {nbytes} bytes {direction}"
+            time.sleep(0.05)
+
     def run_test(self, *extra: str, timeout: float = 60) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             optogate("link", "test", "--port", self.b, "--baud", str(BAUD), "--json", *extra),
@@ -177,12 +184,12 @@ def test_link_test_over_the_simulator(line: Line) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_link_test_through_noise(line: Line) -> None:
-    line.command({"cmd": "set", "ber": 2e-5})
+    line.command({"cmd": "set", "ber": 1e-5})
     code, result, err = finish(line.run_test("--bytes", "300000"), 80)
     assert code == 0, err
     assert result["digest_ok"] is True
     counters = result["counters"]
-    # ~3 million bits at 2e-5: dozens of corrupted frames, all repaired.
+    # ~3 million bits at 1e-5: dozens of corrupted frames, all repaired.
     assert counters["retransmits"] > 0
 
 
@@ -191,7 +198,7 @@ def test_link_test_through_noise(line: Line) -> None:
 @pytest.mark.timeout(90)
 def test_short_cut_is_repaired_by_retransmission(line: Line) -> None:
     proc = line.run_test("--bytes", "400000", "--echoes", "1")
-    time.sleep(3.0)  # the transfer is under way (~9 s at this rate)
+    line.wait_delivered("b->a", 100_000)  # the transfer (~9 s at this rate) is under way
     line.command({"cmd": "cut"})
     time.sleep(1.0)  # shorter than the session's dead_after (4 s)
     line.command({"cmd": "restore"})
@@ -207,7 +214,7 @@ def test_short_cut_is_repaired_by_retransmission(line: Line) -> None:
 @pytest.mark.timeout(90)
 def test_long_cut_fails_the_test_with_link_down(line: Line) -> None:
     proc = line.run_test("--bytes", "2000000", "--echoes", "1")
-    time.sleep(3.0)
+    line.wait_delivered("b->a", 100_000)
     line.command({"cmd": "cut"})
     code, result, _ = finish(proc, 60)
     line.command({"cmd": "restore"})
