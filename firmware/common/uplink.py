@@ -1,4 +1,4 @@
-"""The gateway protocol's shared formats: what the outer module, the inner module and central agree on.
+"""The gateway protocol's shared formats: what the outer, the inner module and central agree on.
 
 The uplink (outer module -> central) is the framed session of
 ``docs/wire-protocol.md`` with central in the SERVER role.  This module holds
