@@ -194,3 +194,23 @@ async def test_an_unusable_control_path_is_a_port_error(tmp_path: Path) -> None:
         async with LinkSimulator(control_path=blocker):
             pass
     assert blocker.read_text() == "keep me"
+
+
+async def test_a_receiver_that_never_reads_overruns_and_the_counters_say_so() -> None:
+    total = 300_000  # far more than a pty holds (tens of kilobytes)
+    async with LinkSimulator(baud=4_000_000) as s:
+        with opened(s.a_path, s.b_path) as (a, _b):
+            await both_open(s)
+            sent = 0
+            async with asyncio.timeout(10):
+                while sent < total:
+                    try:
+                        sent += os.write(a, bytes(min(4096, total - sent)))
+                    except BlockingIOError:
+                        await asyncio.sleep(0.002)
+                await s.drain()
+            c = s.stats()["a->b"]
+    assert isinstance(c, dict)
+    assert c["overrun"] > 0
+    assert c["bytes_delivered"] < total
+    assert c["bytes_in"] == total == c["bytes_delivered"] + c["overrun"]
