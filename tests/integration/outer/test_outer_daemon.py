@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from outer_central_peer import CentralPeer, Keys
 
+from firmware.common.adapters.serial import open_serial
 from firmware.common.adapters.tcp import StreamTransport, connect_tcp
 from firmware.common.errors import LinkDown, OptogateError, RemoteError
 from firmware.common.link import messages as m
@@ -28,6 +29,7 @@ from firmware.common.power.sim import SimGpio
 from firmware.outer.app import EXIT_POWER, OuterDaemon
 from firmware.outer.cache import digest_of
 from firmware.outer.config import parse_config
+from host_tools.sim.link import LinkSimulator
 
 pytestmark = [pytest.mark.integration]
 
@@ -339,4 +341,40 @@ async def test_cli_run_status_and_sd_notify(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
         notify.close()
+        await peer.aclose()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.slow
+async def test_serial_optical_link_and_power_through_the_link_simulator(tmp_path: Path) -> None:
+    keys = Keys()
+    tls = keys.write_tls(tmp_path / "tls")
+    keys.write_outer_dir(tmp_path / "outer")
+    peer = await CentralPeer(keys, tls).start()
+    control = tmp_path / "link.sock"
+    try:
+        async with LinkSimulator(baud=115200, control_path=control) as sim:
+            doc = config_doc(tmp_path, peer, tls[0])
+            doc["optical"] = {"transport": "serial", "device": sim.a_path, "baud": 115200}
+            doc["gpio"] = {"backend": "sim"}
+            doc["sim"] = {"control": str(control)}
+            daemon = OuterDaemon(parse_config(doc, tmp_path))
+            task = asyncio.create_task(daemon.run())
+            inner = Link(await open_serial(sim.b_path, 115200), SessionConfig(role=Role.CLIENT))
+            try:
+                reply = await inner.request(m.Sync(since_version=0), timeout=15, expect=m.SyncData)
+                assert reply.sealed
+                status = await inner.request(m.Status(), timeout=10, expect=m.StatusReport)
+                assert status.fields["power.inner"] is True
+                sim.power("b", False)  # the inner module's supply goes
+                await until(lambda: daemon.counters.get("peer_power_lost") == 1, 5)
+                sim.power("b", True)
+                sim.power("a", False)  # then our own
+                assert await asyncio.wait_for(task, 10) == EXIT_POWER
+            finally:
+                await close(inner)
+                if not task.done():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    await asyncio.wait_for(task, 10)
+    finally:
         await peer.aclose()
