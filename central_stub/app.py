@@ -12,7 +12,8 @@ init-central``).
 ``run`` loads the configuration and keys, wires the repository, the
 protocol core and the listeners together, logs one JSON line per event to
 stdout, writes ``status.json`` (every ``STATUS_INTERVAL``) for ``central
-status``, and stops cleanly on SIGTERM or SIGINT.
+status``, speaks systemd's readiness and watchdog protocol (``Type=notify``,
+see ``optogate-central.service``), and stops cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from firmware.common.crypto.tls import (
 from firmware.common.errors import ConfigError, OptogateError
 from firmware.common.store.atomic import PRIVATE_MODE, atomic_write
 from firmware.common.store.tinystore import Store
+from firmware.outer import sdnotify
 
 #: How often the running server refreshes status.json.
 STATUS_INTERVAL: Final = 5.0
@@ -167,12 +169,18 @@ async def run(config: CentralConfig, *, stop: asyncio.Event | None = None) -> in
         listen=[f"{h}:{p}" for h, p in server.addresses],
         serial=[s.port for s in config.serial],
     )
+    sdnotify.notify("READY=1")
+    watchdog = sdnotify.watchdog_interval()
+    # ping systemd's watchdog at half its period: one late ping is not a restart
+    period = STATUS_INTERVAL if watchdog is None else min(STATUS_INTERVAL, watchdog / 2)
     try:
         while not stop.is_set():
             write_status(config, server.status())
+            sdnotify.notify("WATCHDOG=1")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
+                await asyncio.wait_for(stop.wait(), period)
     finally:
+        sdnotify.notify("STOPPING=1")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await server.aclose()

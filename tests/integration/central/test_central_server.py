@@ -188,12 +188,15 @@ async def test_a_client_that_vanishes_mid_transfer_leaves_nothing(central: TempC
 
 
 @contextlib.contextmanager
-def central_process(config: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def central_process(
+    config: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "host_tools.cli", "central", "run", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         assert proc.stdout is not None
@@ -239,10 +242,15 @@ def test_restarting_central_between_requests_loses_nothing(
             svc = await link.request(m.FetchService(service="echo"), expect=m.Service)
             return ack.sealed_ack, data.sealed_licences, svc.sealed_bundle
 
-    with central_process(config) as (proc, port):
-        first = asyncio.run(session(port))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+    notify_path = central.root / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(10)
+        with central_process(config, {"NOTIFY_SOCKET": str(notify_path)}) as (proc, port):
+            assert notify.recv(64) == b"READY=1"  # systemd Type=notify readiness
+            first = asyncio.run(session(port))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
     with central_process(config) as (_, port):
         second = asyncio.run(session(port))
     assert second == first  # same ack, same sealed licence set and bundle: nothing re-made
