@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from central_stub import admin
 from central_stub.gateway import MAX_AUTH_FAILURES, AuthState, CentralService, GatewayConnection
@@ -236,3 +238,56 @@ def test_status_reports_the_gateway_entitlement(central: TempCentral) -> None:
     assert isinstance(report, m.StatusReport)
     assert report.fields["gateway"] == "gw1"
     assert report.fields["bundles"] == 1
+
+
+_REQUESTS = st.one_of(
+    st.builds(m.AuthBegin, gateway_id=st.sampled_from(["gw1", "gw2", "ghost", "é" * 3])),
+    st.builds(m.AuthProof, signature=st.binary(min_size=1, max_size=80)),
+    st.builds(m.Sync, since_version=st.integers(0, 2**63 - 1)),
+    st.builds(
+        m.FetchService,
+        service=st.sampled_from(["echo", "nope", "x" * 128]),
+        have_version=st.none() | st.integers(0, 3),
+    ),
+    st.builds(m.UsageReport, batch=st.binary(min_size=1, max_size=200)),
+    st.just(m.Status()),
+)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(_REQUESTS, max_size=12))
+def test_any_request_sequence_gets_a_reply_and_nothing_before_auth(
+    central: TempCentral, requests: list[m.Message]
+) -> None:
+    conn = GatewayConnection(_service(central), "fuzz")
+    for msg in requests:
+        reply = conn.handle(msg, NOW)
+        assert reply.IS_REPLY
+        if not isinstance(msg, m.AuthBegin | m.AuthProof):
+            # no random proof can verify, so nothing else is ever served
+            assert isinstance(reply, m.Error)
+            assert reply.code == "auth_required"
+    assert central.repo.snapshot().list_usage("acme", 0, 2**62) == []
+
+
+_KNOWN_CODES = {
+    "already_authenticated",
+    "unknown_service",
+    "not_licensed",
+    "bad_usage_batch",
+}
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(_REQUESTS, max_size=12))
+def test_an_authenticated_gateway_gets_a_typed_reply_to_anything(
+    central: TempCentral, requests: list[m.Message]
+) -> None:
+    conn = _authed(central, _service(central))
+    for msg in requests:
+        reply = conn.handle(msg, NOW)
+        if isinstance(reply, m.Error):
+            assert reply.code in _KNOWN_CODES, reply
+        else:
+            assert reply.KIND is m.REPLY_KIND[msg.KIND]
+    assert central.repo.snapshot().list_usage("acme", 0, 2**62) == []  # random batches never stick
