@@ -305,6 +305,10 @@ class Uplink:
         self._connecting: asyncio.Future[_Call] | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Set while no call is being torn down: a modem must finish hanging up
+        # before the next dial, or the dialler refuses the new call.
+        self._hung_up = asyncio.Event()
+        self._hung_up.set()
         self.counters: Counter[str] = Counter()
         self.last_call: dict[str, str | int | float | bool] = {}
         self.last_sync_wall: float | None = None
@@ -400,9 +404,9 @@ class Uplink:
             task.exception()  # retrieved: waiters get it through the shield
 
     async def _connect(self) -> _Call:
-        now = self._loop.time()
-        self.policy.connect_started(now)
+        self.policy.connect_started(self._loop.time())
         self.counters["connects"] += 1
+        await self._hung_up.wait()
         errors: list[str] = []
         for connector in self._connectors:
             self._log("connecting", transport=connector.name)
@@ -479,10 +483,14 @@ class Uplink:
         self.last_call["last_call.end_reason"] = reason
         self.counters[f"hangups_{reason}"] += 1
         self._log("call_ended", transport=call.transport, reason=reason)
-        with contextlib.suppress(OptogateError, TimeoutError):
-            async with asyncio.timeout(HANGUP_TIMEOUT):
-                await call.link.aclose()
-        self._wake.set()
+        self._hung_up.clear()
+        try:
+            with contextlib.suppress(OptogateError, TimeoutError):
+                async with asyncio.timeout(HANGUP_TIMEOUT):
+                    await call.link.aclose()
+        finally:
+            self._hung_up.set()
+            self._wake.set()
 
     # -- supervisor ------------------------------------------------------------------------
 

@@ -193,6 +193,19 @@ async def test_sync_and_usage_share_one_call_then_idle_hangup(bench: Bench) -> N
             assert bench.peer.connections == 2
 
 
+@pytest.mark.timeout(30)
+async def test_request_during_a_hangup_waits_for_it_and_redials(bench: Bench) -> None:
+    async with modem_to(bench.peer) as modem:
+        up = bench.uplink([bench.dialup(modem)], order=("dialup",), idle_hangup=0.3)
+        async with running(up):
+            await up.request(m.Status(), m.StatusReport)
+            await until(lambda: up.counters["hangups_idle"] == 1, 10)
+            # the modem is still hanging up (escape, ATH0): this must wait, not fail
+            await up.request(m.Status(), m.StatusReport)
+            assert up.counters["connect_failures_dialup"] == 0
+            assert bench.peer.connections == 2
+
+
 @pytest.mark.timeout(40)
 @pytest.mark.slow
 async def test_call_dropped_mid_bundle_fails_cleanly_and_next_call_completes(
