@@ -252,7 +252,8 @@ class CentralServer:
             "listen": [f"{h}:{p}" for h, p in self.addresses],
             "serial": [s.port for s in self.config.serial],
         }
-        out.update(sorted(self.service.counters.items()))
+        # the core thread adds counters; dict() copies in one step under the GIL
+        out.update(sorted(dict(self.service.counters).items()))
         return out
 
     async def _on_tcp(self, transport: StreamTransport) -> None:
