@@ -9,7 +9,9 @@ modelled by a :class:`_Lane`:
 1. **Transmit FIFO.**  :meth:`LineModel.transmit` puts bytes in the sending
    side's FIFO.  A byte starts on the wire when the line is free and takes
    ``10 / baud`` seconds (8N1: start bit, 8 data bits, stop bit), so a busy
-   line carries exactly ``baud / 10`` bytes per second.  The model never
+   line carries exactly ``baud / 10`` bytes per second (a token bucket one
+   byte deep, refilled at the line rate, keeping each byte's exact time).
+   The model never
    refuses bytes; instead :meth:`LineModel.room` says how many more the FIFO
    holds, and the adapter reads from its pty only that many.  That keeps the
    simulator's own buffering as small as a UART's instead of a pty's kilobytes,

@@ -433,3 +433,17 @@ def test_bad_commands_are_refused_and_change_nothing(
     after = ctl.stats()  # the connection is still usable
     for key in ("impairments", "power", "cut"):
         assert after[key] == before[key]
+
+
+def test_sim_dispatches_link_and_rejects_unknown_simulators(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from host_tools import sim_cli
+
+    with pytest.raises(SystemExit) as info:
+        sim_cli.main(["link", "--help"], "optogate sim")
+    assert info.value.code == 0
+    assert "optogate sim link" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        sim_cli.main(["warp-drive"], "optogate sim")
+    assert info.value.code == 2
