@@ -29,7 +29,9 @@ from firmware.common.power.sim import SimGpio
 from firmware.outer.app import EXIT_POWER, OuterDaemon
 from firmware.outer.cache import digest_of
 from firmware.outer.config import parse_config
+from host_tools.sim.hayes import HayesConfig
 from host_tools.sim.link import LinkSimulator
+from host_tools.sim.modem import ModemEmulator
 
 pytestmark = [pytest.mark.integration]
 
@@ -376,5 +378,63 @@ async def test_serial_optical_link_and_power_through_the_link_simulator(tmp_path
                 if not task.done():
                     os.kill(os.getpid(), signal.SIGTERM)
                     await asyncio.wait_for(task, 10)
+    finally:
+        await peer.aclose()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.slow
+async def test_dialup_drop_mid_bundle_leaves_the_cache_clean_and_the_next_call_completes(
+    tmp_path: Path,
+) -> None:
+    keys = Keys()
+    tls = keys.write_tls(tmp_path / "tls")
+    keys.write_outer_dir(tmp_path / "outer")
+    peer = await CentralPeer(keys, tls, bundle_size=6000).start()
+    hayes = HayesConfig(
+        speed=115200,
+        phonebook={"5551234": f"127.0.0.1:{peer.plain_port}"},
+        dial_delay=0.1,
+        no_carrier_after=3000,
+    )
+    try:
+        async with ModemEmulator(hayes) as modem:
+            doc = config_doc(tmp_path, peer, tls[0], order=["dialup"])
+            del doc["internet"]
+            doc["dialup"] = {
+                "device": modem.port_path,
+                "number": "5551234",
+                "init_string": "ATQ0 V1 E1 S0=0 &C1 &D2 S12=10",
+                "max_attempts": 1,
+                "command_timeout_s": 2.0,
+                "carrier_timeout_s": 5.0,
+            }
+            daemon = OuterDaemon(parse_config(doc, tmp_path), backend=SimGpio())
+            task = asyncio.create_task(daemon.run())
+            await until(lambda: bool(daemon.optical_address), 5)
+            host, port = daemon.optical_address.rsplit(":", 1)
+            inner = Link(await connect_tcp(host, int(port)), SessionConfig(role=Role.CLIENT))
+            objects = tmp_path / "state" / "cache" / "objects"
+            fetch = m.FetchService(service="dxf", have_version=None)
+            try:
+                with pytest.raises(RemoteError) as info:
+                    await inner.request(fetch, timeout=40)
+                assert info.value.code == "central_unreachable"
+                assert info.value.retry_after is not None
+                assert not list(objects.iterdir())  # nothing half-written was kept
+                modem.core.config.no_carrier_after = None
+                await asyncio.sleep(0.6)  # past the backoff
+                reply = await inner.request(fetch, timeout=40, expect=m.Service)
+                assert reply.sealed_bundle == peer.bundle
+                assert sorted(p.read_bytes() for p in objects.iterdir()) == sorted(
+                    [peer.bundle, peer.licences]
+                )
+                status = await inner.request(m.Status(), timeout=10, expect=m.StatusReport)
+                assert status.fields["uplink.calls_dropped"] == 2
+                assert status.fields["modem.state"] == "online"  # the call is still up
+            finally:
+                await close(inner)
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert await asyncio.wait_for(task, 20) == 0
     finally:
         await peer.aclose()
