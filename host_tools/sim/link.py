@@ -199,7 +199,7 @@ class LinkSimulator:
         self._ports: dict[str, _Port] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self._relay_task: asyncio.Task[None] | None = None
+        self._relay_runner: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._watchers: set[asyncio.Queue[PowerChanged | None]] = set()
@@ -233,7 +233,7 @@ class LinkSimulator:
             if isinstance(e, OSError):
                 raise PortError(f"cannot set up the link simulator: {e}") from e
             raise
-        self._relay_task = asyncio.create_task(self._relay(), name="sim-link-relay")
+        self._relay_runner = asyncio.create_task(self._relay(), name="sim-link-relay")
         imp = self._model.impairments
         self._log(
             "started",
@@ -257,8 +257,8 @@ class LinkSimulator:
             queue.put_nowait(None)
         if self._server is not None:
             self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
+        for handler in list(self._handlers):
+            handler.cancel()
         if self._handlers:
             await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
@@ -266,9 +266,9 @@ class LinkSimulator:
             with contextlib.suppress(OSError):
                 os.unlink(self._control_path or "")
         failure: BaseException | None = None
-        if self._relay_task is not None:
+        if self._relay_runner is not None:
             try:
-                await self._relay_task
+                await self._relay_runner
             except asyncio.CancelledError:
                 pass
             except Exception as e:
@@ -284,8 +284,8 @@ class LinkSimulator:
 
     async def wait_failed(self) -> None:
         """Wait for the relay to stop; raise its failure (it stops by itself only on one)."""
-        assert self._relay_task is not None, "start() first"
-        await asyncio.shield(self._relay_task)
+        assert self._relay_runner is not None, "start() first"
+        await asyncio.shield(self._relay_runner)
 
     # -- paths --------------------------------------------------------------
 
@@ -502,15 +502,15 @@ class LinkSimulator:
     async def _serve_control(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+        me = asyncio.current_task()
+        assert me is not None
+        self._handlers.add(me)
         try:
             await self._control_session(reader, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self._handlers.discard(task)
+            self._handlers.discard(me)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
