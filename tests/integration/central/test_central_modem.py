@@ -73,19 +73,26 @@ async def _until_idle(server: CentralServer) -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_gateway_calls_central_through_an_answering_modem(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rings", "calls"),
+    [(0, 2), (2, 1)],
+    ids=["ring-then-ATA-two-calls", "auto-answer-S0=2"],
+)
+async def test_gateway_calls_central_through_an_answering_modem(
+    tmp_path: Path, rings: int, calls: int
+) -> None:
     central: TempCentral = make_central(tmp_path, now=NOW)
     gw = central.gateways["gw1"]
     events: list[str] = []
     with modem_emulator() as (pty, listen):
-        config = replace(central.config, serial=(SerialListener(pty),))
+        config = replace(central.config, serial=(SerialListener(pty, auto_answer_rings=rings),))
         service = CentralService(central.repo, central.key, sync_expiry=config.sync_expiry)
         server = CentralServer(config, service, lambda event, **fields: events.append(event))
         await server.start(None)
         try:
             await asyncio.sleep(2.0)  # the driver resets the modem and waits for RING
             host, port = listen.rsplit(":", 1)
-            for _ in range(2):  # after the first call hangs up, central answers the next
+            for _ in range(calls):  # after a call hangs up, central answers the next
                 await _until_idle(server)
                 transport = await connect_tcp(host, int(port))  # the caller dials in
                 link = Link(transport, SessionConfig(role=Role.CLIENT, baud=LINE_SPEED))
@@ -101,7 +108,7 @@ async def test_gateway_calls_central_through_an_answering_modem(tmp_path: Path) 
             verifier.accept_sync_metadata(data.sealed, NOW)
             licences = verifier.accept_licence_set(data.sealed_licences, NOW)
             assert [lic.service for lic in licences.licences] == ["echo"]
-            assert events.count("modem_call") == 2
-            assert server.status()["auth_ok"] == 2
+            assert events.count("modem_call") == calls
+            assert server.status()["auth_ok"] == calls
         finally:
             await server.aclose()
