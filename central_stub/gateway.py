@@ -36,7 +36,8 @@ Requests, all idempotent:
 * ``Sync(since_version)`` -> ``SyncData(sealed, sealed_licences)``: fresh
   sync metadata (central's signed time, expiring after the freeze window,
   listing the exact version and SHA-256 of the licence set and of every
-  bundle the gateway is entitled to) and the licence set it lists.
+  bundle the gateway is entitled to) and the licence set it lists, or b""
+  when ``since_version`` is already that licence set's version.
 * ``UsageReport(batch)`` -> ``UsageAck(batch_id, sealed_ack)``: the batch's
   inner-module signature is verified, its records are stored exactly once
   per (gateway, batch id) in one transaction with their audit entry; a
@@ -350,7 +351,7 @@ class GatewayConnection:
                 )
             gateway = svc.live_gateway(self.gateway_id)
             if isinstance(msg, messages.Sync):
-                return self._sync(gateway, now)
+                return self._sync(gateway, msg.since_version, now)
             if isinstance(msg, messages.FetchService):
                 return self._fetch(gateway, msg.service, msg.have_version, now)
             if isinstance(msg, messages.UsageReport):
@@ -422,7 +423,7 @@ class GatewayConnection:
 
     # -- requests --------------------------------------------------------------------
 
-    def _sync(self, gateway: Gateway, now: int) -> messages.Message:
+    def _sync(self, gateway: Gateway, since: int, now: int) -> messages.Message:
         svc = self.service
         licences, revision = svc.licence_set(gateway, now)
         refs = [
@@ -448,7 +449,10 @@ class GatewayConnection:
             recipient=hpke,
         )
         svc.event("sync", gateway=gateway.gateway_id, revision=revision, objects=len(refs))
-        return messages.SyncData(sealed=sealed_meta, sealed_licences=licences)
+        # the gateway already holds this very licence set: list it, do not resend it
+        # (a modem line is slow; the metadata still names its version and digest)
+        unchanged = since == revision
+        return messages.SyncData(sealed=sealed_meta, sealed_licences=b"" if unchanged else licences)
 
     def _fetch(
         self, gateway: Gateway, service: str, have_version: int | None, now: int

@@ -146,6 +146,10 @@ def test_sync_is_idempotent_and_metadata_versions_only_grow(central: TempCentral
     assert isinstance(first, m.SyncData)
     assert isinstance(second, m.SyncData)
     assert first.sealed_licences == second.sealed_licences
+    held = verify_sealed(first.sealed_licences, central.public).version
+    lean = conn.handle(m.Sync(since_version=held), NOW)
+    assert isinstance(lean, m.SyncData)
+    assert lean.sealed_licences == b""  # already held: listed, not resent
     v1 = verify_sealed(first.sealed, central.public).version
     v2 = verify_sealed(second.sealed, central.public).version
     assert v2 > v1
