@@ -216,6 +216,14 @@ class CentralService:
             self.audit(now, actor, f"gateway.{code}", target, detail)
         return messages.Error(code=code, detail=detail, retry_after=None)
 
+    def malformed(self, now: int, peer: str, gateway: str | None, count: int) -> None:
+        """Audit and count ``count`` messages the Link refused as malformed (``bad_message``)."""
+        self.counters["refused_bad_message"] += count
+        self.event("refused", code="bad_message", gateway=gateway or "-", detail=f"{count}")
+        self.audit(
+            now, peer, "gateway.bad_message", gateway or "-", f"{count} malformed message(s)"
+        )
+
     def live_gateway(self, gateway_id: str) -> Gateway:
         """Return the registered, unrevoked gateway.  Raises Refused otherwise."""
         gw = self.view().get_gateway(gateway_id)
@@ -368,8 +376,7 @@ class GatewayConnection:
             )
         except Refused as e:
             target = self.gateway_id or self._claimed or "-"
-            audit = e.code not in {"not_licensed", "unknown_service"}
-            return svc.refuse(now, e.code, e.detail, actor=self.peer, target=target, audit=audit)
+            return svc.refuse(now, e.code, e.detail, actor=self.peer, target=target)
 
     # -- authentication ---------------------------------------------------------------
 

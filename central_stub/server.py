@@ -17,7 +17,9 @@ acknowledgements and keepalives flowing while a request is being computed
 One thread also means the core never runs twice at once, so its caches and
 counters need no locks.
 
-A **watchdog** per connection closes it when
+A **watchdog** per connection audits the messages its Link refused as
+malformed (the Link answers them ``bad_message`` before any handler sees
+them) and closes the connection when
 
 * it has not authenticated within ``AUTH_TIMEOUT`` (an idle anonymous
   connection holds memory and a slot),
@@ -139,9 +141,20 @@ async def serve_connection(
         return reply
 
     async def watchdog() -> str:
+        audited_rejects = 0
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = loop.time()
+            # the Link answers a malformed message bad_message itself; audit them here
+            rejected = link.statistics().get("link_rejected", 0)
+            if rejected > audited_rejects:
+                count, audited_rejects = rejected - audited_rejects, rejected
+                try:
+                    await loop.run_in_executor(
+                        executor, service.malformed, int(time.time()), peer, conn.gateway_id, count
+                    )
+                except OptogateError as e:  # the storage failed: say so, keep serving
+                    log("audit_failed", peer=peer, error=str(e))
             if conn.should_close:
                 return "too_many_auth_failures"
             if conn.state is not AuthState.AUTHENTICATED and now - started > auth_timeout:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from central_stub import admin
@@ -36,6 +37,7 @@ from firmware.common.crypto.keys import SigningKey
 from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import OptogateError, PortError, RemoteError
 from firmware.common.link import messages as m
+from firmware.common.link.kinds import Kind as MessageKind
 from firmware.common.link.link import Link
 from firmware.common.link.session import Role, SessionConfig
 from firmware.common.uplink import UsageRecord, sign_usage_batch
@@ -319,3 +321,25 @@ async def test_watchdog_closes_silent_and_failing_connections(central: TempCentr
         executor.shutdown()
     assert [c["reason"] for c in closed] == ["auth_timeout", "too_many_auth_failures"]
     assert service.counters["closed_auth_timeout"] == 1
+
+
+def _audited(central: TempCentral, action: str) -> bool:
+    return any(a.action == action for a in central.repo.snapshot().list_audit())
+
+
+@pytest.mark.timeout(30)
+async def test_malformed_messages_are_answered_and_audited(central: TempCentral) -> None:
+    async with serving(central) as (server, port), client(central, port) as link:
+        await authenticate(link, "gw1", central.gateways["gw1"].outer, central.key.key_id)
+        # The Link will not encode a malformed message, so put raw bytes on its session:
+        # a readable envelope whose body has the wrong type.
+        bad = cbor2.dumps(
+            {"v": 1, "id": 5, "re": None, "body": {"since_version": "soon"}}, canonical=True
+        )
+        link._queue(MessageKind.SYNC, bad)
+        async with asyncio.timeout(10):
+            while not _audited(central, "gateway.bad_message"):  # noqa: ASYNC110 - a file
+                await asyncio.sleep(0.1)
+        # the connection is still good
+        await link.request(m.Sync(since_version=0), expect=m.SyncData)
+        assert server.status()["refused_bad_message"] == 1
