@@ -601,6 +601,26 @@ def issue_client_key(
     return IssuedClientKey(record, issued.secret)
 
 
+def revoke_client_key(repo: Repository, key_id: str, *, now: int, actor: str) -> ClientKey:
+    """Revoke a client API key: it leaves every licence of its customer.  Return it.
+
+    Raises NotFound, Conflict (already revoked).
+    """
+    with repo.transaction() as tx:
+        found = [k for k in tx.list_client_keys() if k.key_id == key_id]
+        if not found:
+            raise NotFound(f"unknown client key {key_id!r}")
+        key = found[0]
+        if key.revoked is not None:
+            raise Conflict(f"client key {key_id} is already revoked")
+        key = replace(key, revoked=now)
+        tx.put_client_key(key)
+        _touch_customer_licences(tx, key.customer_id, now)
+        _bump_revision(tx, now)
+        _audit(tx, now, actor, "client_key.revoke", key_id, f"customer={key.customer_id}")
+    return key
+
+
 # ---------------------------------------------------------------------------- reports
 
 
@@ -656,6 +676,7 @@ __all__ = [
     "publish_service",
     "record_payment",
     "register_gateway",
+    "revoke_client_key",
     "revoke_gateway",
     "revoke_licence",
     "usage_report",

@@ -14,6 +14,7 @@
     licence revoke LICENCE | licence list [--customer ID]
     payment record --licence LICENCE --amount 120.00 [--currency EUR] --extend 30d
     client-key issue --customer ID [--label TEXT]    prints the key once
+    client-key revoke KEY | client-key list [--customer ID]
     usage report --customer ID --month YYYY-MM [--csv]
     audit [--limit N] [--csv]
 
@@ -120,6 +121,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = leaf(group, "issue", "issue a client API key (printed once)")
     p.add_argument("--customer", required=True)
     p.add_argument("--label", default="")
+    p = leaf(group, "revoke", "revoke a client API key (it leaves every licence)")
+    p.add_argument("id")
+    p = leaf(group, "list", "list client keys (ids and hashes, never the keys)")
+    p.add_argument("--customer")
 
     group = sub.add_parser("usage", help="usage").add_subparsers(dest="action", required=True)
     p = leaf(group, "report", "a customer's usage in one month")
@@ -263,6 +268,15 @@ def execute(args: argparse.Namespace, now: int, actor: str) -> str:
             f"payment {payment.payment_id} recorded: licence {lic.licence_id} valid until "
             f"{_when(lic.valid_until)} (version {lic.version})"
         )
+    if command == "client-key" and action == "revoke":
+        revoked = admin.revoke_client_key(repo, args.id, now=now, actor=actor)
+        return f"client key {revoked.key_id} of {revoked.customer_id} revoked"
+    if command == "client-key" and action == "list":
+        rows = [
+            [k.key_id, k.customer_id, k.label, k.key_hash[:16], _when(k.created), _when(k.revoked)]
+            for k in repo.snapshot().list_client_keys(args.customer)
+        ]
+        return _table(rows, ["key", "customer", "label", "sha256", "created", "revoked"])
     if command == "client-key":
         issued = admin.issue_client_key(repo, args.customer, args.label, now=now, actor=actor)
         return (

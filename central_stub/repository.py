@@ -231,6 +231,7 @@ class Transaction(Protocol):
     def list_payments(self, licence_id: str | None = None) -> list[Payment]: ...
 
     def add_client_key(self, key: ClientKey) -> None: ...
+    def put_client_key(self, key: ClientKey) -> None: ...
     def list_client_keys(self, customer_id: str | None = None) -> list[ClientKey]: ...
 
     def get_usage_batch(self, gateway_id: str, batch_id: str) -> UsageBatchRecord | None: ...
@@ -431,6 +432,9 @@ class _TinyTransaction:
     # client keys
     def add_client_key(self, key: ClientKey) -> None:
         self._w(_T_CLIENT_KEYS).insert(_doc(key))
+
+    def put_client_key(self, key: ClientKey) -> None:
+        self._upsert(_T_CLIENT_KEYS, key, key_id=key.key_id)
 
     def list_client_keys(self, customer_id: str | None = None) -> list[ClientKey]:
         rows = self._all(_T_CLIENT_KEYS, ClientKey)

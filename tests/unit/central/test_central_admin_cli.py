@@ -274,6 +274,12 @@ def test_client_key_is_printed_once_and_stored_as_hash(
     keys = TinyRepository(state).snapshot().list_client_keys("acme")
     assert keys[0].key_hash == hash_api_key(secret)
     _refused(run, state, "client-key", "issue", "--customer", "zed", says="unknown customer")
+    rc, out, _ = run("client-key", "list")
+    assert "key-000001" in out
+    assert secret not in out
+    assert run("client-key", "revoke", "key-000001")[0] == 0
+    _refused(run, state, "client-key", "revoke", "key-000001", says="already revoked")
+    _refused(run, state, "client-key", "revoke", "key-404", says="unknown client key")
 
 
 def test_usage_report_table_csv_and_errors(run: Run, state: Path, ready: dict[str, Path]) -> None:

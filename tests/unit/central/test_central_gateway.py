@@ -176,6 +176,13 @@ def test_revocation_and_payment_reach_the_gateway_by_sync(central: TempCentral) 
     licences = verifier.accept_licence_set(data.sealed_licences, NOW + 1)
     api_key = next(iter(central.api_keys.values()))
     assert isinstance(evaluate(licences, service="echo", now=NOW + 1, api_key=api_key), Revoked)
+    # a revoked client key leaves the licence set at the next sync
+    admin.revoke_client_key(central.repo, "key-000001", now=NOW + 2, actor="test")
+    data = conn.handle(m.Sync(since_version=0), NOW + 2)
+    assert isinstance(data, m.SyncData)
+    verifier.accept_sync_metadata(data.sealed, NOW + 2)
+    licences = verifier.accept_licence_set(data.sealed_licences, NOW + 2)
+    assert all(not lic.credentials for lic in licences.licences)
     # a revoked licence's service is no longer served
     assert _code(conn.handle(m.FetchService(service="echo"), NOW + 1)) == "not_licensed"
 
