@@ -253,8 +253,18 @@ def test_restarting_central_between_requests_loses_nothing(
             first = asyncio.run(session(port))
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
+
+    async def refused(port: int) -> str:
+        async with client(central, port) as link:
+            with pytest.raises(RemoteError) as e:
+                await authenticate(link, "gw1", gw.outer, central.key.key_id)
+            return e.value.code
+
     with central_process(config) as (_, port):
         second = asyncio.run(session(port))
+        # the admin CLI changes the database under the running server (another process)
+        assert cli_main(["gateway", "revoke", "gw1", "--config", str(config)], "c") == 0
+        assert asyncio.run(refused(port)) == "gateway_revoked"
     assert second == first  # same ack, same sealed licence set and bundle: nothing re-made
     assert len(central.repo.snapshot().list_usage("acme", 0, 2**62)) == 2
     actions = [a.action for a in central.repo.snapshot().list_audit()]
@@ -266,6 +276,7 @@ def test_restarting_central_between_requests_loses_nothing(
     assert status["stopped"] is True
     assert status["auth_ok"] == 1  # the second run's counters
     assert status["usage_duplicate"] == 1
+    assert status["refused_gateway_revoked"] == 1
 
 
 def test_tls_context_rejects_missing_files(tmp_path: Path) -> None:
