@@ -11,8 +11,11 @@ STAMP  := $(VENV)/.installed-stamp
 # is installed, as root, only when its command is absent: judging by command
 # rather than by package keeps a machine whose Node.js came from elsewhere
 # (bundling npm) from being offered a conflicting Debian npm.  `make sysdeps`
-# on its own does just this.
-SYS_TOOLS := node:nodejs npm:npm clang:clang wasm-ld:lld
+# on its own does just this.  An absolute path instead of a command names a
+# data file a package ships (LibreCAD's DXF parts library, which dxf2svg's
+# tests read as drawings made by a real CAD program).
+SYS_TOOLS := node:nodejs npm:npm clang:clang wasm-ld:lld \
+	/usr/share/librecad/library:librecad-data
 
 .PHONY: demo test test-quick test-boot lint sysdeps bench clean wasm
 
@@ -24,7 +27,8 @@ $(STAMP): pyproject.toml
 
 sysdeps:
 	@missing=""; for t in $(SYS_TOOLS); do \
-	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	  command -v $${t%%:*} >/dev/null 2>&1 || test -e "$${t%%:*}" || \
+	    missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

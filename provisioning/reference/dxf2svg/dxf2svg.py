@@ -575,7 +575,9 @@ class _Flattener:
             ocs = m @ ocs_matrix(ext, e.float(30, 0.0))
             centre, radius = (e.float(10), e.float(20)), e.float(40)
             if radius <= 0:
-                raise DxfError(e.line, f"{kind} radius must be positive")
+                # Degenerate (LibreCAD's parts library has such arcs): nothing to draw.
+                self.out.skipped[f"{kind}(radius <= 0)"] += 1
+                return
             if kind == "CIRCLE":
                 arc = EllipticArc(centre, (radius, 0.0), (0.0, radius), 0.0, math.tau, colour)
             else:

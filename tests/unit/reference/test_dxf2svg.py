@@ -37,7 +37,9 @@ dx = load("dxf2svg", "dxf2svg")
 FLATTENING = 1e-3
 #: Points ezdxf computes on its curves must be on ours to this (relative).
 EXACT = 1e-6
-TEXT_TYPES = {"TEXT", "MTEXT", "ATTRIB"}
+#: Entity types whose geometry dxf2svg draws (text is compared separately;
+#: HATCH, SOLID, SPLINE... are counted as skipped by dxf2svg).
+DRAWN = {"LINE", "POINT", "ARC", "CIRCLE", "ELLIPSE", "LWPOLYLINE", "POLYLINE"}
 
 
 # --------------------------------------------------------------------------- geometry helpers
@@ -75,15 +77,39 @@ def _arc_dist(p: tuple[float, float], arc: Any) -> float:
     return min(math.hypot(p[0] - e[0], p[1] - e[1]) for e in ends)
 
 
+class _Grid:
+    """Buckets items by bounding box so point queries look at near items only."""
+
+    def __init__(self, cell: float) -> None:
+        self.cell = cell
+        self.buckets: dict[tuple[int, int], list[Any]] = {}
+
+    def _cells(self, x0: float, y0: float, x1: float, y1: float) -> Iterator[tuple[int, int]]:
+        c = self.cell
+        for i in range(math.floor(x0 / c), math.floor(x1 / c) + 1):
+            for j in range(math.floor(y0 / c), math.floor(y1 / c) + 1):
+                yield (i, j)
+
+    def add(self, item: Any, box: tuple[float, float, float, float]) -> None:
+        for key in self._cells(*box):
+            self.buckets.setdefault(key, []).append(item)
+
+    def near(self, p: tuple[float, float], reach: float) -> list[Any]:
+        found: dict[int, Any] = {}
+        for key in self._cells(p[0] - reach, p[1] - reach, p[0] + reach, p[1] + reach):
+            for item in self.buckets.get(key, ()):
+                found[id(item)] = item
+        return list(found.values())
+
+
+def _piece_dist(p: tuple[float, float], piece: Any) -> float:
+    if isinstance(piece, dx.Line):
+        return _seg_dist(p, piece.start, piece.end)
+    return _arc_dist(p, piece)
+
+
 def _dist_to_ours(p: tuple[float, float], pieces: list[Any]) -> float:
-    best = math.inf
-    for piece in pieces:
-        if isinstance(piece, dx.Line):
-            d = _seg_dist(p, piece.start, piece.end)
-        else:
-            d = _arc_dist(p, piece)
-        best = min(best, d)
-    return best
+    return min((_piece_dist(p, piece) for piece in pieces), default=math.inf)
 
 
 def _samples(piece: Any) -> list[tuple[float, float]]:
@@ -111,23 +137,15 @@ def _ezdxf_polylines(doc: Any, sagitta: float) -> list[list[tuple[float, float]]
     while pending:
         entity = pending.pop()
         kind = entity.dxftype()
-        if kind in TEXT_TYPES or kind in ("SEQEND", "VERTEX"):
+        if kind not in DRAWN:
             continue
+        if kind in ("ARC", "CIRCLE") and entity.dxf.radius <= 0:
+            continue  # degenerate: dxf2svg skips it (and counts it)
         if kind in ("LWPOLYLINE", "POLYLINE"):
             pending.extend(entity.virtual_entities())
             continue
         out.append(_exact_points(entity, sagitta))
     return out
-
-
-def _dist_to_theirs(p: tuple[float, float], polylines: list[list[tuple[float, float]]]) -> float:
-    best = math.inf
-    for pl in polylines:
-        if len(pl) == 1:
-            best = min(best, math.hypot(p[0] - pl[0][0], p[1] - pl[0][1]))
-        for a, b in itertools.pairwise(pl):
-            best = min(best, _seg_dist(p, a, b))
-    return best
 
 
 def _dxf_text(doc: Any) -> str:
@@ -146,14 +164,28 @@ def assert_same_geometry(doc: Any) -> Any:
     box = dx.extents(ours) or (0.0, 0.0, 1.0, 1.0)
     size = max(1.0, *(abs(v) for v in box))
     theirs = _ezdxf_polylines(theirs_doc, FLATTENING * size)
+    cell = size / 32
+    our_grid = _Grid(cell)
+    for piece in ours:
+        our_grid.add(piece, dx.extents([piece]))
+    their_grid = _Grid(cell)
+    for pl in theirs:
+        for a, b in itertools.pairwise(pl) if len(pl) > 1 else [(pl[0], pl[0])]:
+            seg = (a, b)
+            their_grid.add(
+                seg, (min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1]))
+            )
+    exact = EXACT * size
     for pl in theirs:
         for vertex in pl:
-            d = _dist_to_ours(vertex, ours)
-            assert d < EXACT * size, f"ezdxf vertex {vertex} is {d} away from our geometry"
+            d = _dist_to_ours(vertex, our_grid.near(vertex, exact))
+            assert d < exact, f"ezdxf vertex {vertex} is {d} away from our geometry"
+    loose = 2 * FLATTENING * size
     for piece in ours:
         for sample in _samples(piece):
-            d = _dist_to_theirs(sample, theirs)
-            assert d < 2 * FLATTENING * size, f"our point {sample} ({piece}) is {d} off ezdxf's"
+            near = their_grid.near(sample, loose)
+            d = min((_seg_dist(sample, a, b) for a, b in near), default=math.inf)
+            assert d < loose, f"our point {sample} ({piece}) is {d} off ezdxf's"
     assert bool(ours) == bool(theirs)
     return flat
 
@@ -388,16 +420,34 @@ def test_unsupported_entities_are_counted() -> None:
 # --------------------------------------------------------------------------- shipped files
 
 
+#: Where Debian's librecad-data package puts LibreCAD's parts library: 1335
+#: DXF drawings (electrical symbols, plans, sheets) made with LibreCAD.
+LIBRECAD_LIBRARY = Path("/usr/share/librecad/library")
+#: Every n-th file of that library, so the run stays short but spans it.
+LIBRARY_STRIDE = 40
+#: ... and files that once caught a bug (a zero-radius ARC).
+LIBRARY_EXTRA = ("elektro/power-iso/CT-1.dxf",)
+
+
 def _shipped_dxf_files() -> list[Path]:
     """DXF files that installed packages ship (none are written by this project)."""
     roots = {Path(p) for p in sys.path if p.endswith("site-packages")}
     found: list[Path] = []
     for root in sorted(roots):
-        found.extend(sorted(root.rglob("*.dxf")))
-    return found[:20]
+        found.extend(sorted(root.rglob("*.dxf"))[:20])
+    if LIBRECAD_LIBRARY.is_dir():
+        found.extend(sorted(LIBRECAD_LIBRARY.rglob("*.dxf"))[::LIBRARY_STRIDE])
+        found.extend(LIBRECAD_LIBRARY / rel for rel in LIBRARY_EXTRA)
+    return found
 
 
-@pytest.mark.parametrize("path", _shipped_dxf_files(), ids=lambda p: p.name)
+def test_shipped_dxf_files_are_available() -> None:
+    if not _shipped_dxf_files():
+        pytest.skip("no DXF files shipped by installed packages (Debian package librecad-data)")
+    assert len(_shipped_dxf_files()) >= 20
+
+
+@pytest.mark.parametrize("path", _shipped_dxf_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_dxf_files_match_ezdxf(path: Path) -> None:
     try:
         doc = ezdxf.readfile(path)
