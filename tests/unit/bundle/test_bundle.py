@@ -284,3 +284,23 @@ def test_params_are_validated_against_the_schema() -> None:
         validate_params(manifest, {"op": "encrypt"})
     with pytest.raises(ParamsError, match="is not of type 'object'"):
         validate_params(manifest, ["op"])
+
+
+@given(st.data())
+def test_mutated_bundles_only_raise_bundle_error(data: st.DataObject) -> None:
+    good = bytearray(_REFERENCE_ECHO)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(good) - 1))
+        good[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(good)))
+    mutated = bytes(good[:cut])
+    try:
+        bundle = load_bundle(mutated)
+    except BundleError:
+        return
+    # A mutation may only survive if it changed nothing the digest covers.
+    assert bundle.to_bytes() == mutated
+    assert bundle.files == load_bundle(_REFERENCE_ECHO).files
+
+
+_REFERENCE_ECHO = build_bundle(REFERENCE / "echo").to_bytes()
