@@ -14,6 +14,7 @@ import io
 import itertools
 import math
 import random
+import re
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -453,8 +454,10 @@ def test_shipped_dxf_files_match_ezdxf(path: Path) -> None:
         doc = ezdxf.readfile(path)
     except (ezdxf.DXFError, OSError, UnicodeDecodeError):
         pytest.skip("ezdxf itself cannot read this file")
-    assert_same_geometry(doc)
-    dx.run({}, path.read_bytes())
+    flat = assert_same_geometry(doc)
+    result, svg = dx.run({}, path.read_bytes())
+    assert result["elements"] == len(flat.primitives)
+    assert ET.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"
 
 
 # --------------------------------------------------------------------------- malformed input
@@ -554,3 +557,108 @@ def test_mutated_dxf_only_ever_raises_value_error(edits: list[tuple[int, str, st
 def test_random_bytes_only_ever_raise_value_error(data: bytes) -> None:
     with contextlib.suppress(ValueError):
         dx.run({}, data)
+
+
+# --------------------------------------------------------------------------- SVG geometry
+
+_ARC_RE = re.compile(
+    r"A(?P<rx>[-\d.]+),(?P<ry>[-\d.]+) (?P<rot>[-\d.]+) (?P<large>[01]),(?P<sweep>[01]) "
+    r"(?P<x>[-\d.]+),(?P<y>[-\d.]+)"
+)
+_POINT_RE = re.compile(r"[ML](?P<x>[-\d.]+),(?P<y>[-\d.]+)")
+
+
+def _svg_arc_midpoint(
+    start: tuple[float, float], m: re.Match[str]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Return (end point, point halfway along) of an SVG arc, per SVG 1.1 appendix F.6.5."""
+    x1, y1 = start
+    x2, y2 = float(m["x"]), float(m["y"])
+    rx, ry = abs(float(m["rx"])), abs(float(m["ry"]))
+    phi = math.radians(float(m["rot"]))
+    large, sweep = m["large"] == "1", m["sweep"] == "1"
+    cos, sin = math.cos(phi), math.sin(phi)
+    dx2, dy2 = (x1 - x2) / 2, (y1 - y2) / 2
+    x1p, y1p = cos * dx2 + sin * dy2, -sin * dx2 + cos * dy2
+    lam = x1p**2 / rx**2 + y1p**2 / ry**2
+    if lam > 1:
+        rx, ry = rx * math.sqrt(lam), ry * math.sqrt(lam)
+    num = rx**2 * ry**2 - rx**2 * y1p**2 - ry**2 * x1p**2
+    den = rx**2 * y1p**2 + ry**2 * x1p**2
+    coef = math.sqrt(max(0.0, num / den)) * (-1 if large == sweep else 1)
+    cxp, cyp = coef * rx * y1p / ry, -coef * ry * x1p / rx
+    cx = cos * cxp - sin * cyp + (x1 + x2) / 2
+    cy = sin * cxp + cos * cyp + (y1 + y2) / 2
+
+    def angle(ux: float, uy: float) -> float:
+        return math.atan2(uy, ux)
+
+    theta1 = angle((x1p - cxp) / rx, (y1p - cyp) / ry)
+    theta2 = angle((-x1p - cxp) / rx, (-y1p - cyp) / ry)
+    delta = (theta2 - theta1) % math.tau
+    if not sweep:
+        delta -= math.tau
+    mid = theta1 + delta / 2
+    px, py = rx * math.cos(mid), ry * math.sin(mid)
+    return (x2, y2), (cos * px - sin * py + cx, sin * px + cos * py + cy)
+
+
+def _check_svg_arc(piece: Any, start: tuple[float, float], m: re.Match[str], tol: float) -> None:
+    end, mid = _svg_arc_midpoint(start, m)
+    ours_end = piece.at(piece.t0 if piece.reverse else piece.t1)
+    ours_mid = piece.at((piece.t0 + piece.t1) / 2)
+    assert end == pytest.approx((ours_end[0], -ours_end[1]), abs=tol)
+    assert mid == pytest.approx((ours_mid[0], -ours_mid[1]), abs=tol)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_svg_arcs_trace_the_same_curves(seed: int) -> None:
+    """Rebuild every SVG arc from its endpoints and flags; it must pass our midpoint."""
+    flat = dx.flatten(dx.read_drawing(_dxf_text(_random(seed, "R2018"))))
+    root = ET.fromstring(dx.to_svg(flat, precision=9))
+    elements = list(root.iter())[2:]  # skip <svg> and <g>
+    assert len(elements) == len(flat.primitives)
+    tol = 1e-4 * max(1.0, *(abs(v) for v in dx.extents(flat.primitives) or (1.0,)))
+    checked = 0
+    for primitive, element in zip(flat.primitives, elements, strict=True):
+        if element.tag.endswith("path"):
+            d = element.get("d", "")
+            pieces = primitive.pieces if isinstance(primitive, dx.Path) else (primitive,)
+            first = _POINT_RE.match(d)
+            assert first is not None
+            pos = (float(first["x"]), float(first["y"]))
+            commands = re.findall(r"[LA][^LAZ]*", d[first.end() :])
+            assert len(commands) == len(pieces)
+            for piece, command in zip(pieces, commands, strict=True):
+                if command.startswith("A"):
+                    arc = _ARC_RE.match(command.strip())
+                    assert arc is not None
+                    _check_svg_arc(piece, pos, arc, tol)
+                    pos = (float(arc["x"]), float(arc["y"]))
+                    checked += 1
+                else:
+                    point = _POINT_RE.match(command.strip())
+                    assert point is not None
+                    pos = (float(point["x"]), float(point["y"]))
+                    assert pos == pytest.approx((piece.end[0], -piece.end[1]), abs=tol)
+        elif element.tag.endswith("circle") and isinstance(primitive, dx.EllipticArc):
+            centre = (float(element.get("cx", "")), float(element.get("cy", "")))
+            assert centre == pytest.approx((primitive.centre[0], -primitive.centre[1]), abs=tol)
+    assert checked > 0
+
+
+def test_mtext_and_text_escapes() -> None:
+    doc = ezdxf.new("R2018")
+    msp = doc.modelspace()
+    msp.add_mtext(
+        "{\\fArial|b1;Bold}\\PSecond line", dxfattribs={"insert": (2, 3), "char_height": 2}
+    )
+    msp.add_text("45%%d %%p0.1 %%c10 100%%%", dxfattribs={"insert": (0, 0)})
+    flat = dx.flatten(dx.read_drawing(_dxf_text(doc)))
+    mtext, text = flat.primitives
+    assert mtext.text == "Bold\nSecond line"
+    assert mtext.position == (2.0, 3.0)
+    assert text.text == "45\u00b0 \u00b10.1 \u230010 100%"
+    svg = ET.fromstring(dx.to_svg(flat))
+    spans = [s.text for s in svg.iter("{http://www.w3.org/2000/svg}tspan")]
+    assert spans == ["Bold", "Second line"]
