@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "call": ("host_tools.call", "run a service on a gateway (for any program, via subprocess)"),
     "inner": ("firmware.inner.cli", "the inner module daemon: run, status"),
     "link": ("firmware.common.link.cli", "test the optical UART link (echo / test)"),
+    "image": ("provisioning.image_cli", "build the SD card images of the two modules"),
     "outer": ("firmware.outer.cli", "the outer module daemon: run it, show its status"),
     "power": ("firmware.common.power.cli", "watch the power-sense lines, show LED states"),
     "sim": ("host_tools.sim_cli", "simulators: the optical link, the modem"),
