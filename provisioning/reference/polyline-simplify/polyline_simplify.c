@@ -102,28 +102,54 @@ static long find_key(const char *json, u32 len, const char *key) {
     return -1;
 }
 
-/* Parse a JSON number at json[pos..len); returns 0 on success. */
+/* Powers of ten that are exact doubles (10^22 is the largest). */
+static const double POW10[23] = {
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+    1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+};
+#define EXACT_MANTISSA (1ull << 53)
+#define MANTISSA_DIGITS_CAP 100000000000000000ull /* keep 17 significant digits */
+
+/* Parse a JSON number at json[pos..len); returns 0 on success.
+ * Digits are gathered into an integer mantissa and a decimal exponent; when
+ * the mantissa fits 53 bits and the exponent is within +-22 the result is
+ * one correctly rounded multiplication or division by an exact power of ten
+ * (Clinger's fast path), which covers every tolerance a person types
+ * ("0.05", "1e-3").  Otherwise it is scaled step by step (close, not exact). */
 static int parse_number(const char *json, u32 len, u32 pos, double *out) {
     while (pos < len && (json[pos] == ' ' || json[pos] == '\t' || json[pos] == '\n' || json[pos] == '\r')) pos++;
-    double sign = 1.0, value = 0.0;
-    int digits = 0;
-    if (pos < len && json[pos] == '-') { sign = -1.0; pos++; }
-    while (pos < len && json[pos] >= '0' && json[pos] <= '9') { value = value * 10.0 + (json[pos++] - '0'); digits++; }
+    unsigned long long mantissa = 0;
+    int exp10 = 0, digits = 0, negative = 0;
+    if (pos < len && json[pos] == '-') { negative = 1; pos++; }
+    while (pos < len && json[pos] >= '0' && json[pos] <= '9') {
+        if (mantissa < MANTISSA_DIGITS_CAP) mantissa = mantissa * 10u + (unsigned)(json[pos] - '0');
+        else exp10++;
+        pos++; digits++;
+    }
     if (pos < len && json[pos] == '.') {
-        double scale = 0.1;
         pos++;
-        while (pos < len && json[pos] >= '0' && json[pos] <= '9') { value += (json[pos++] - '0') * scale; scale *= 0.1; digits++; }
+        while (pos < len && json[pos] >= '0' && json[pos] <= '9') {
+            if (mantissa < MANTISSA_DIGITS_CAP) { mantissa = mantissa * 10u + (unsigned)(json[pos] - '0'); exp10--; }
+            pos++; digits++;
+        }
     }
     if (!digits) return 1;
     if (pos < len && (json[pos] == 'e' || json[pos] == 'E')) {
         int esign = 1, e = 0, edigits = 0;
         pos++;
         if (pos < len && (json[pos] == '+' || json[pos] == '-')) { if (json[pos] == '-') esign = -1; pos++; }
-        while (pos < len && json[pos] >= '0' && json[pos] <= '9') { if (e < 400) e = e * 10 + (json[pos] - '0'); pos++; edigits++; }
+        while (pos < len && json[pos] >= '0' && json[pos] <= '9') { if (e < 1000) e = e * 10 + (json[pos] - '0'); pos++; edigits++; }
         if (!edigits) return 1;
-        while (e-- > 0) value = esign > 0 ? value * 10.0 : value / 10.0;
+        exp10 += esign * e;
     }
-    *out = sign * value;
+    double value = (double)mantissa;
+    if (mantissa <= EXACT_MANTISSA && exp10 >= -22 && exp10 <= 22) {
+        value = exp10 < 0 ? value / POW10[-exp10] : value * POW10[exp10];
+    } else {
+        for (; exp10 > 0 && value < 1e308; exp10--) value *= 10.0;
+        for (; exp10 < 0 && value > 0.0; exp10++) value /= 10.0;
+    }
+    *out = negative ? -value : value;
     return 0;
 }
 

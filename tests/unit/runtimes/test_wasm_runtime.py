@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import wasmtime
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from firmware.inner.runtimes.base import (
     AlgorithmCrashed,
@@ -256,3 +258,30 @@ async def test_cancelled_call_is_stopped_and_runtime_recovers() -> None:
         assert out.result == {"ok": True}
     finally:
         await runtime.aclose()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-1e6, 1e6, allow_nan=False), st.floats(-1e6, 1e6, allow_nan=False)),
+        max_size=60,
+    ),
+    # Tolerances as a person writes them ("12.345"): the module parses those
+    # exactly, so its choices at the boundary match Python's.
+    st.integers(0, 10**8).map(lambda k: k / 1000),
+)
+def test_polyline_simplify_agrees_with_the_textbook_algorithm(
+    points: list[tuple[float, float]], epsilon: float
+) -> None:
+    wasm = _simplify_wasm()
+
+    async def scenario() -> None:
+        runtime = WasmRuntime(wasm, LIMITS, name="polyline-simplify")
+        await runtime.start()
+        try:
+            out = await runtime.invoke(Invocation({"epsilon": epsilon}, _points(points)))
+        finally:
+            await runtime.aclose()
+        assert _unpack(out.data) == _douglas_peucker(points, epsilon)
+
+    asyncio.run(scenario())
