@@ -223,6 +223,13 @@ class Relay:
         except CacheError as e:
             self.counters["cache_write_failures"] += 1
             self._log("cache_write_failed", error=str(e))
+        self._log(
+            "fetched",
+            service=msg.service,
+            version=version,
+            bundle_bytes=len(reply.sealed_bundle),
+            licence_version=licence_header.version,
+        )
         if msg.have_version == version:
             return messages.Service(sealed_bundle=b"", sealed_licence=reply.sealed_licence)
         if reply.sealed_bundle:
@@ -288,6 +295,7 @@ class Relay:
             await self._verify(reply.sealed_licences, Kind.LICENCE_SET)
         self.store_sync(reply, verified=True)
         self._uplink.note_synced()
+        self._log("synced", bytes=len(reply.sealed) + len(reply.sealed_licences))
         return reply
 
     def store_sync(self, reply: messages.SyncData, *, verified: bool = False) -> None:
@@ -319,6 +327,7 @@ class Relay:
         if reply.sealed_ack:
             await self._verify(reply.sealed_ack, Kind.USAGE_ACK)
         self.counters["usage_batches"] += 1
+        self._log("usage_shipped", batch_id=reply.batch_id, bytes=len(msg.batch))
         return reply
 
     # -- verification ----------------------------------------------------------------------
