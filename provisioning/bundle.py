@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -337,6 +338,7 @@ def _content_type(raw: dict[str, Any], key: str) -> str:
 def _params_schema(schema: object) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise ManifestError("[params] must be a table holding a JSON Schema")
+    _check_json(schema, "params")
     validator_cls = jsonschema.validators.validator_for(
         schema, default=jsonschema.Draft202012Validator
     )
@@ -348,6 +350,26 @@ def _params_schema(schema: object) -> dict[str, Any]:
     if schema.get("type") != "object":
         raise ManifestError('[params] must describe an object: set type = "object"')
     return schema
+
+
+def _check_json(value: object, where: str) -> None:
+    """Refuse what JSON cannot carry (TOML dates, CBOR bytes or tags, NaN, huge ints)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ManifestError(f"{where}: key {key!r} is not a string")
+            _check_json(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ManifestError(f"{where}: {value!r} is not a JSON number")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**63:
+            raise ManifestError(f"{where}: integer {value} is out of range")
+    elif not (value is None or isinstance(value, str | bool)):
+        raise ManifestError(f"{where}: a {type(value).__name__} is not a JSON value")
 
 
 def _limits(raw: object) -> ManifestLimits:

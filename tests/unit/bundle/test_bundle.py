@@ -304,3 +304,13 @@ def test_mutated_bundles_only_raise_bundle_error(data: st.DataObject) -> None:
 
 
 _REFERENCE_ECHO = build_bundle(REFERENCE / "echo").to_bytes()
+
+
+def test_params_schema_must_be_plain_json() -> None:
+    text = GOOD.replace('[params]\ntype = "object"', '[params]\ntype = "object"\nwhen = 1979-05-27')
+    with pytest.raises(ManifestError, match=r"params\.when: a date is not a JSON value"):
+        parse_manifest(text)
+    raw = parse_manifest(GOOD).to_dict()
+    raw["params"]["default"] = b"\x00"
+    with pytest.raises(ManifestError, match="bytes is not a JSON value"):
+        manifest_from_dict(raw)
