@@ -233,7 +233,9 @@ class CallPolicy:
     def next_deadline(self) -> float | None:
         """Return when a question above may next change its answer, or None."""
         candidates: list[float] = []
-        if not self.syncing:
+        # While connecting nothing can change until the connect ends (and the
+        # adapter reports it): a sync already due must not make the caller spin.
+        if not self.syncing and self.state is not CallState.CONNECTING:
             if self.state is CallState.UP:
                 candidates.append(self.next_sync_at - self.config.sync_batch_window)
             else:

@@ -400,6 +400,7 @@ class Uplink:
 
     def _connect_done(self, task: asyncio.Future[_Call]) -> None:
         self._connecting = None
+        self._wake.set()  # the supervisor's deadline depends on how the connect ended
         if not task.cancelled():
             task.exception()  # retrieved: waiters get it through the shield
 

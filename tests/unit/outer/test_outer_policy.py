@@ -113,6 +113,15 @@ def test_failed_sync_retries_after_the_backoff_not_at_once() -> None:
     assert p.next_deadline() == 11.0
 
 
+def test_no_deadline_while_connecting_even_with_a_sync_overdue() -> None:
+    p = CallPolicy(config(sync_at_start=True), 0.0)
+    p.connect_started(1.0)  # a request is connecting; the sync waits for its outcome
+    assert not p.sync_due(5.0)
+    assert p.next_deadline() is None
+    p.connected("dialup", 6.0)
+    assert p.sync_due(6.0)
+
+
 def test_retry_after_has_a_floor() -> None:
     p = CallPolicy(config(backoff_initial=0.1, backoff_max=0.1), 0.0)
     assert p.retry_after(0.0) == MIN_RETRY_AFTER
