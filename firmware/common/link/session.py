@@ -100,13 +100,26 @@ HELLO = struct.Struct(">QIH")  # boot epoch, echoed peer token, receive window
 
 #: Window slots bulk fragments may never take, so urgent messages always fit.
 URGENT_RESERVE: Final = 4
+#: Frames outstanding at once.  17 = the frame at the cumulative ack plus the
+#: 16 the selective-ack bitmap can report: a larger window would hold frames
+#: the receiver cannot say it has, and their timers would resend them
+#: needlessly.  17 frames of 4 KiB are 0.7 s of line time at 921600 baud, far
+#: more than a serial line's round trip, so the window never limits goodput.
+DEFAULT_WINDOW: Final = SACK_BITS + 1
+#: Fragment size of a fresh session end, before any frame has been seen to
+#: arrive.  Fragments keep their size when retransmitted, so starting at 4 KiB
+#: on a very noisy line would leave a window of frames that almost never get
+#: through; the size doubles every RAMP_FRAMES frames acknowledged at the
+#: first try, so a clean line reaches 4 KiB within a few dozen frames.
+START_PAYLOAD: Final = 1024
+RAMP_FRAMES: Final = 8
 #: Bytes per frame that are not payload: header, CRC, fragment header, two
 #: delimiters and (roughly) COBS's one byte per 254.
 FRAME_OVERHEAD: Final = HEADER_SIZE + CRC_SIZE + FRAGMENT_HEADER_SIZE + 2
 #: Smallest adaptive payload: below this the header costs more than errors do.
 MIN_PAYLOAD: Final = 256
-#: EWMA weight of one transmission's outcome in the loss estimate (~64 frames).
-LOSS_GAIN: Final = 1 / 64
+#: EWMA weight of one transmission's outcome in the loss estimate (~32 frames).
+LOSS_GAIN: Final = 1 / 32
 #: Received payload bytes the caller may leave in undrained events before the
 #: receive window closes (flow control: the peer stops sending).
 RECV_BUFFER_LIMIT: Final = 4 * 2**20
@@ -114,9 +127,16 @@ RECV_BUFFER_LIMIT: Final = 4 * 2**20
 MAX_PARTIAL_MESSAGES: Final = 64
 #: Margin added to line-derived timers for scheduling jitter of the adapter.
 TIMER_MARGIN: Final = 0.02
+#: How much line time beyond one frame the pacer keeps queued in the driver,
+#: so the line never idles while the event loop is late to wake us (tens of
+#: milliseconds on a busy 2-core machine).  A control message queued now
+#: waits at most this long plus one frame.
+PACING_SLACK: Final = 0.06
 #: Floor of the retransmission timeout on a line with no configured rate (TCP).
 STREAM_RTO_FLOOR: Final = 0.2
-#: Cap on exponential backoff of one frame's retransmission timer.
+#: Cap on exponential backoff of one frame's retransmission timer on a stream
+#: (TCP), where repeated loss means congestion.  On a paced serial line loss
+#: is noise, not congestion, so timers do not back off there.
 MAX_BACKOFF: Final = 4
 
 
@@ -133,7 +153,7 @@ class SessionConfig:
 
     role: Role
     baud: int | None = 115200
-    window: int = 32
+    window: int = DEFAULT_WINDOW
     max_message: int = 64 * 2**20
     keepalive_interval: float = 1.0
     dead_after: float = 4.0
@@ -255,9 +275,12 @@ class Session:
         self._rto_floor = (
             STREAM_RTO_FLOOR
             if self._byte_rate is None
-            else 2 * self._max_frame_time + 2 * TIMER_MARGIN
+            else 2 * self._max_frame_time + PACING_SLACK + 2 * TIMER_MARGIN
         )
         self._loss = 0.0  # EWMA of frame loss per transmission
+        self._ramp = min(START_PAYLOAD, config.max_payload)  # start-up size cap
+        self._avg_frame = float(self._ramp + FRAME_OVERHEAD)  # EWMA of DATA frame bytes
+        self._clean_streak = 0
         self._tx_free_at = now
         self._reset(now)
 
@@ -362,7 +385,8 @@ class Session:
         for seq, out in self._outstanding.items():
             if not out.sacked and now >= out.rto_at and seq not in self._rtx:
                 self._rtx.add(seq)
-                out.backoff = min(out.backoff + 1, MAX_BACKOFF)
+                if self._byte_rate is None:
+                    out.backoff = min(out.backoff + 1, MAX_BACKOFF)
                 self._count("timeouts")
                 self._note_loss(True)
 
@@ -614,7 +638,7 @@ class Session:
 
     def _lookahead(self) -> float:
         """How far ahead of the line we hand out bytes: about one frame."""
-        return self._wire_time(self._payload_size() + FRAME_OVERHEAD) + TIMER_MARGIN
+        return self._wire_time(self._payload_size() + FRAME_OVERHEAD) + PACING_SLACK
 
     def _line_has_room(self, now: float) -> bool:
         return self._byte_rate is None or self._tx_free_at < now + self._lookahead()
@@ -636,17 +660,24 @@ class Session:
 
     def _payload_size(self) -> int:
         """Fragment payload size that maximises goodput at the observed loss."""
-        cap = self.config.max_payload
+        cap = self._ramp
         if self._loss <= 0.0:
             return cap
-        bytes_per_frame = cap + FRAME_OVERHEAD
-        q = -math.log(max(1e-12, 1.0 - min(self._loss, 0.9))) / bytes_per_frame
+        # The loss was measured on frames of about _avg_frame bytes.
+        q = -math.log(max(1e-12, 1.0 - min(self._loss, 0.9))) / self._avg_frame
         h = FRAME_OVERHEAD
         best = (math.sqrt(h * h + 4 * h / q) - h) / 2
         return max(MIN_PAYLOAD, min(cap, int(best)))
 
     def _note_loss(self, lost: bool) -> None:
         self._loss += LOSS_GAIN * ((1.0 if lost else 0.0) - self._loss)
+        if lost:
+            self._clean_streak = 0
+            return
+        self._clean_streak += 1
+        if self._clean_streak >= RAMP_FRAMES:
+            self._clean_streak = 0
+            self._ramp = min(self.config.max_payload, self._ramp * 2)
 
     def _next_data_frame(self, now: float) -> Frame | None:
         if self._rtx:
@@ -674,6 +705,7 @@ class Session:
         flags |= int(Flag.URGENT) if msg.urgent else 0
         seq = self._next_seq
         self._next_seq = seq_add(seq, 1)
+        self._avg_frame += LOSS_GAIN * (len(chunk) + FRAME_OVERHEAD - self._avg_frame)
         frame = Frame(
             FrameType.DATA,
             flags=flags,
