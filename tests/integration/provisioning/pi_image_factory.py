@@ -20,6 +20,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Where the file system tools are, also for a user whose PATH lacks sbin.
+TOOL_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 #: Pi OS puts the boot partition at 4 MiB (sector 8192).
 BOOT_START = 8192
 SECTOR = 512
@@ -123,7 +125,11 @@ def dpkg_status(packages: tuple[str, ...]) -> str:
 
 def run(*argv: str, stdin: bytes | None = None) -> None:
     """Run a command; fail the test with its stderr if it fails."""
-    proc = subprocess.run(argv, input=stdin, capture_output=True, check=False, timeout=60)
+    exe = shutil.which(argv[0], path=TOOL_PATH)
+    assert exe is not None, f"{argv[0]} is missing: run `make sysdeps`"
+    proc = subprocess.run(
+        [exe, *argv[1:]], input=stdin, capture_output=True, check=False, timeout=60
+    )
     assert proc.returncode == 0, f"{argv[0]} failed: {proc.stderr.decode(errors='replace')}"
 
 
@@ -179,9 +185,8 @@ def make_image(
     cmdline_txt: str = CMDLINE_TXT,
 ) -> Path:
     """Build a Pi-OS-shaped image at ``path``; return it."""
-    for tool in ("mkfs.fat", "mkfs.ext4", "mcopy", "sfdisk"):
-        assert shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin"), f"{tool} missing"
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     boot, root, tree = work / "boot.fat", work / "root.ext4", work / "tree"
     run(
         "mkfs.fat",
