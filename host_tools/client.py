@@ -237,7 +237,7 @@ def _checked(response: httpx.Response) -> httpx.Response:
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
     try:
-        value = _checked(response).json()
+        value = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GatewayError("gateway answered with malformed JSON") from e
     if not isinstance(value, dict):
@@ -269,6 +269,17 @@ class _Backoff:
         if time.monotonic() + wait > self.deadline:
             return None
         return wait
+
+
+def _transport_error(error: httpx.HTTPError) -> GatewayError:
+    """Wrap a failure of the HTTP layer: unreachable before sending, or broken after."""
+    if isinstance(error, httpx.ConnectError):
+        return GatewayUnreachable(f"cannot reach the gateway: {error}")
+    return GatewayError(f"request failed: {error}")
+
+
+def _call_outcome(response: httpx.Response) -> CallResult:
+    return CallResult(_result_from(response.headers), response.content, dict(response.headers))
 
 
 # -- synchronous client -------------------------------------------------------------
@@ -306,17 +317,16 @@ class Client:
 
     def auth(self) -> dict[str, Any]:
         """Check the key; return the customer and the services it may call."""
-        return self._json("POST", "/v1/auth")
+        return _json_object(self._request("POST", "/v1/auth"))
 
     def services(self) -> list[dict[str, Any]]:
         """Return the services the gateway knows, built or not."""
-        body = self._json("GET", "/v1/services")
-        services = body.get("services", [])
+        services = _json_object(self._request("GET", "/v1/services")).get("services", [])
         return list(services) if isinstance(services, list) else []
 
     def health(self) -> dict[str, Any]:
         """Return the gateway's health (no key needed)."""
-        return self._json("GET", "/v1/health")
+        return _json_object(self._request("GET", "/v1/health"))
 
     def call(
         self, service: str, params: Mapping[str, Any] | None = None, data: bytes = b""
@@ -324,14 +334,14 @@ class Client:
         """Run ``service``; return its result and binary output.
 
         Raises a GatewayError subclass for every error answer (PaymentRequired,
-        InvalidParams, Unavailable, ...).
+        InvalidParams, Unavailable, ...), after the retries the module
+        docstring describes.
         """
-        path = _service_path(service)
+        path, headers = _service_path(service), _call_headers(params or {})
         backoff = _Backoff(self._max_wait)
         while True:
             try:
-                response = self._send(path, params or {}, data)
-                return CallResult(_result_from(response.headers), response.content)
+                return _call_outcome(self._request("POST", path, content=data, headers=headers))
             except GatewayError as e:
                 wait = backoff.delay(e)
                 if wait is None:
@@ -360,34 +370,23 @@ class Client:
         try:
             response = self._http.send(request, stream=True)
         except httpx.HTTPError as e:
-            raise GatewayUnreachable(f"cannot reach the gateway: {e}") from e
+            raise _transport_error(e) from e
         try:
             if response.status_code >= 400:
                 response.read()
-                raise error_from_response(response.status_code, response.content, response.headers)
+                _checked(response)
             for block in response.iter_bytes(CHUNK):
                 sink.write(block)
             return _result_from(response.headers)
         finally:
             response.close()
 
-    def _send(self, path: str, params: Mapping[str, Any], data: bytes) -> httpx.Response:
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            response = self._http.post(path, content=data, headers=_call_headers(params))
-        except httpx.ConnectError as e:
-            raise GatewayUnreachable(f"cannot reach the gateway: {e}") from e
+            response = self._http.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise GatewayError(f"call failed: {e}") from e
+            raise _transport_error(e) from e
         return _checked(response)
-
-    def _json(self, method: str, path: str) -> dict[str, Any]:
-        try:
-            response = self._http.request(method, path)
-        except httpx.ConnectError as e:
-            raise GatewayUnreachable(f"cannot reach the gateway: {e}") from e
-        except httpx.HTTPError as e:
-            raise GatewayError(f"request failed: {e}") from e
-        return _json_object(response)
 
 
 # -- asyncio client ------------------------------------------------------------------
@@ -429,28 +428,27 @@ class AsyncClient:
 
     async def auth(self) -> dict[str, Any]:
         """Check the key; return the customer and the services it may call."""
-        return await self._json("POST", "/v1/auth")
+        return _json_object(await self._request("POST", "/v1/auth"))
 
     async def services(self) -> list[dict[str, Any]]:
         """Return the services the gateway knows, built or not."""
-        body = await self._json("GET", "/v1/services")
-        services = body.get("services", [])
+        services = _json_object(await self._request("GET", "/v1/services")).get("services", [])
         return list(services) if isinstance(services, list) else []
 
     async def health(self) -> dict[str, Any]:
         """Return the gateway's health (no key needed)."""
-        return await self._json("GET", "/v1/health")
+        return _json_object(await self._request("GET", "/v1/health"))
 
     async def call(
         self, service: str, params: Mapping[str, Any] | None = None, data: bytes = b""
     ) -> CallResult:
         """Run ``service``; see :meth:`Client.call`."""
-        path = _service_path(service)
+        path, headers = _service_path(service), _call_headers(params or {})
         backoff = _Backoff(self._max_wait)
         while True:
             try:
-                response = await self._send(path, params or {}, data)
-                return CallResult(_result_from(response.headers), response.content)
+                response = await self._request("POST", path, content=data, headers=headers)
+                return _call_outcome(response)
             except GatewayError as e:
                 wait = backoff.delay(e)
                 if wait is None:
@@ -473,11 +471,11 @@ class AsyncClient:
         try:
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as e:
-            raise GatewayUnreachable(f"cannot reach the gateway: {e}") from e
+            raise _transport_error(e) from e
         if response.status_code >= 400:
             await response.aread()
             await response.aclose()
-            raise error_from_response(response.status_code, response.content, response.headers)
+            _checked(response)
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -488,20 +486,9 @@ class AsyncClient:
 
         return _result_from(response.headers), body()
 
-    async def _send(self, path: str, params: Mapping[str, Any], data: bytes) -> httpx.Response:
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            response = await self._http.post(path, content=data, headers=_call_headers(params))
-        except httpx.ConnectError as e:
-            raise GatewayUnreachable(f"cannot reach the gateway: {e}") from e
+            response = await self._http.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise GatewayError(f"call failed: {e}") from e
+            raise _transport_error(e) from e
         return _checked(response)
-
-    async def _json(self, method: str, path: str) -> dict[str, Any]:
-        try:
-            response = await self._http.request(method, path)
-        except httpx.ConnectError as e:
-            raise GatewayUnreachable(f"cannot reach the gateway: {e}") from e
-        except httpx.HTTPError as e:
-            raise GatewayError(f"request failed: {e}") from e
-        return _json_object(response)
