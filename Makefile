@@ -15,7 +15,8 @@ STAMP  := $(VENV)/.installed-stamp
 # data file a package ships (LibreCAD's DXF parts library, which dxf2svg's
 # tests read as drawings made by a real CAD program).
 SYS_TOOLS := node:nodejs npm:npm clang:clang wasm-ld:lld \
-	/usr/share/librecad/library:librecad-data
+	/usr/share/librecad/library:librecad-data \
+	sfdisk:fdisk mcopy:mtools debugfs:e2fsprogs mkfs.fat:dosfstools
 
 .PHONY: demo test test-quick test-boot lint sysdeps bench clean wasm
 
