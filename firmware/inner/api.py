@@ -523,6 +523,11 @@ class InnerApi:
         limit = self._cfg.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+        if request.content.is_eof():  # the whole body came with the headers: no waiting
+            data = await request.content.read()
+            if len(data) > limit:
+                raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+            return data
         chunks = []
         total = 0
         start = self._clock()

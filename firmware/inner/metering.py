@@ -45,7 +45,7 @@ import secrets
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -105,7 +105,20 @@ class UsageEntry:
 
 def encode_entry(entry: UsageEntry) -> bytes:
     """Return the journal bytes of ``entry`` (head + compact JSON)."""
-    body = json.dumps(asdict(entry), separators=(",", ":"), sort_keys=True).encode()
+    body = json.dumps(
+        {
+            "at": entry.at,
+            "bytes_in": entry.bytes_in,
+            "bytes_out": entry.bytes_out,
+            "credential": entry.credential,
+            "customer": entry.customer,
+            "duration_ms": entry.duration_ms,
+            "licence": entry.licence,
+            "outcome": entry.outcome,
+            "service": entry.service,
+        },
+        separators=(",", ":"),
+    ).encode()
     return _ENTRY_HEAD.pack(len(body), zlib.crc32(body)) + body
 
 

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Final
 
+#: Label sets whose rendering is cached (services x outcomes x paths x statuses).
+MAX_LABEL_SETS: Final = 4096
 #: Content type of the Prometheus text format.
 PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -73,6 +75,7 @@ class Metrics:
     """Counters and gauges, rendered in the Prometheus text format."""
 
     def __init__(self) -> None:
+        self._keys: dict[tuple[tuple[str, str], ...], str] = {}
         self._help: dict[str, tuple[str, str]] = {}
         self._values: dict[str, dict[str, float]] = {}
         self._gauges: list[Callable[[], list[tuple[str, dict[str, str], float]]]] = []
@@ -84,7 +87,12 @@ class Metrics:
 
     def inc(self, name: str, labels: dict[str, str] | None = None, by: float = 1) -> None:
         """Add ``by`` to counter ``name`` with ``labels``."""
-        key = _labels(labels or {})
+        items = tuple(labels.items()) if labels else ()
+        key = self._keys.get(items)
+        if key is None:
+            key = self._keys[items] = _labels(labels or {})
+            if len(self._keys) > MAX_LABEL_SETS:  # bounded: services x outcomes is small
+                self._keys.clear()
         series = self._values.setdefault(name, {})
         series[key] = series.get(key, 0) + by
 

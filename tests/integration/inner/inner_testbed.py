@@ -120,7 +120,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def provision(link_port: int, *, extra: str = "") -> Provisioned:
+def provision(link_port: int, *, extra: str = "", pool_size: int = 1) -> Provisioned:
     """Make keys and an inner.toml in a fresh directory the sandbox user can traverse."""
     root = Path(tempfile.mkdtemp(prefix="optogate-inner-"))
     root.chmod(0o755)
@@ -164,7 +164,7 @@ usage_interval_s = 3600.0
 retry_after_s = 2.0
 
 [runtime]
-pool_size = 1
+pool_size = {pool_size}
 
 {extra}
 """
@@ -439,8 +439,8 @@ def ssl_context(gw: Provisioned) -> ssl.SSLContext:
 
 
 @contextlib.contextmanager
-def provisioned(link_port: int, extra: str = "") -> Iterator[Provisioned]:
-    gw = provision(link_port, extra=extra)
+def provisioned(link_port: int, extra: str = "", pool_size: int = 1) -> Iterator[Provisioned]:
+    gw = provision(link_port, extra=extra, pool_size=pool_size)
     try:
         yield gw
     finally:
