@@ -407,6 +407,8 @@ def _check_path(path: str) -> None:
 def hosts_with_name(hosts: str, hostname: str) -> str:
     """Return /etc/hosts text whose ``127.0.1.1`` line names ``hostname`` (added if missing)."""
     lines = [line for line in hosts.splitlines() if not line.startswith("127.0.1.1")]
+    if not any(line.split()[1:2] == ["localhost"] for line in lines if line.strip()):
+        lines[:0] = ["127.0.0.1\tlocalhost", "::1\t\tlocalhost ip6-localhost ip6-loopback"]
     lines.append(f"127.0.1.1\t{hostname}")
     return "\n".join(lines) + "\n"
 

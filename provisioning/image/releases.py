@@ -57,8 +57,11 @@ class Release:
 
 
 #: The arm64 Pi OS releases the builder is written against (Lite and desktop
-#: share the layout the builder touches).  Add a row only after building an
-#: image from that release and passing the hardware acceptance checklist.
+#: share the layout the builder touches): their Debian base, Python, boot
+#: mount point and packages as published.  The test suite exercises them
+#: through synthetic images of the same shape; a real card of each passes
+#: step 11 of the hardware acceptance checklist (docs/hardware.md) before a
+#: customer's gateway is built from it.  Add a row the same way.
 RELEASES: Final = (
     Release("2024-07-04", CODENAMES["bookworm"]),
     Release("2024-11-19", CODENAMES["bookworm"]),

@@ -20,6 +20,7 @@ from provisioning.image.plan import (
     Site,
     config_tables,
     firewall_rules,
+    hosts_with_name,
     root_plan,
     toml_document,
 )
@@ -216,3 +217,13 @@ def test_manifest_lists_every_entry_with_digest_mode_owner() -> None:
     assert key["owner"] == "optogate:optogate"
     assert len(key["sha256"]) == 64
     assert doc["base"] == {"file": "b.img", "sha256": "a" * 64, "image_sha256": "b" * 64}
+
+
+def test_hosts_without_localhost_gets_it() -> None:
+    assert hosts_with_name("", "gw-1-outer").splitlines() == [
+        "127.0.0.1\tlocalhost",
+        "::1\t\tlocalhost ip6-localhost ip6-loopback",
+        "127.0.1.1\tgw-1-outer",
+    ]
+    kept = hosts_with_name("127.0.0.1 localhost\n10.0.0.1 printer\n", "h")
+    assert kept == "127.0.0.1 localhost\n10.0.0.1 printer\n127.0.1.1\th\n"
