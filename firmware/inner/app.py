@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -164,6 +165,8 @@ class InnerDaemon:
         py = PythonRuntimeConfig(
             pool_size=rc.pool_size, user=rc.user, isolate_network=rc.isolate_network
         )
+        if rc.python:
+            py = dataclasses.replace(py, python=rc.python)
         return load_runtime(m.runtime, inst.files_dir, m.entry, limits, python_config=py)
 
     # ------------------------------------------------------------------ run
@@ -324,6 +327,9 @@ class InnerDaemon:
         if hasattr(self, "trust"):
             with contextlib.suppress(OptogateError):
                 self.trust.tick(time.monotonic())
+            with contextlib.suppress(OSError):
+                doc = {**self.status(), "stopped": True, "exit": self._exit}
+                write_status(self.config.state_dir / STATUS_FILE, doc)
         self.log("stopped", code=self._exit)
 
     # ------------------------------------------------------------------ loops

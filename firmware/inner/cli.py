@@ -75,6 +75,9 @@ def status(config_path: Path, as_json: bool) -> int:
         print(json.dumps({**doc, "age_s": round(age, 3)}, indent=1, sort_keys=True))
     else:
         _print_status(doc, age)
+    if doc.get("stopped"):
+        print(f"the daemon stopped (exit status {doc.get('exit')})", file=sys.stderr)
+        return 1
     if age > STALE_AFTER_S:
         print(f"status is {age:.0f} s old: the daemon is not running", file=sys.stderr)
         return 1

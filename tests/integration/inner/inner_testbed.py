@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import hashlib
 import io
+import os
 import shutil
 import socket
 import ssl
@@ -492,8 +493,9 @@ __all__ = [
 class DaemonProcess:
     """Runs ``optogate inner run`` as a child process (for kill -9 tests)."""
 
-    def __init__(self, gw: Provisioned) -> None:
+    def __init__(self, gw: Provisioned, env: dict[str, str] | None = None) -> None:
         self.gw = gw
+        self.env = env
         self.url = f"https://127.0.0.1:{gw.api_port}"
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = gw.root / "daemon.log"
@@ -512,6 +514,7 @@ class DaemonProcess:
                 str(self.gw.config),
                 stdout=out,
                 stderr=out,
+                env={**os.environ, **(self.env or {})},
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
