@@ -37,6 +37,8 @@ naming the key, so a typo never silently falls back to a default.
     pool_size = 2
     user = "nobody"
     isolate_network = true
+    python = ""                       # workers' interpreter ("": the daemon's own); its
+                                      # library must be readable by `user`
 
     [metering]
     batch_max_records = 1000
@@ -137,6 +139,10 @@ class RuntimeSettings:
     pool_size: int = 2
     user: str = "nobody"
     isolate_network: bool = True
+    #: The workers' interpreter; "" means the daemon's own.  Workers dropped
+    #: to ``user`` must be able to read its standard library, which a Python
+    #: installed under root's home directory does not allow.
+    python: str = ""
 
 
 @dataclass(frozen=True)
