@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("provisioning.keys_cli", "make central and gateway keys, issue API keys"),
     "isolator": ("firmware.isolator.cli", "flash / status of the optical isolation module"),
     "call": ("host_tools.call", "run a service on a gateway (for any program, via subprocess)"),
+    "demo": ("host_tools.demo", "the whole appliance on this machine (--tour walks through it)"),
     "inner": ("firmware.inner.cli", "the inner module daemon: run, status"),
     "link": ("firmware.common.link.cli", "test the optical UART link (echo / test)"),
     "image": ("provisioning.image_cli", "build the SD card images of the two modules"),
