@@ -31,8 +31,10 @@ Theory of operation
    SVG's ``A`` command, and sets the ``viewBox`` to the drawing's extents.
 
 Supported: LINE, CIRCLE, ARC, ELLIPSE, LWPOLYLINE and POLYLINE (2-D and 3-D,
-bulges, closed), TEXT, MTEXT (plain text), POINT (as a dot), INSERT and
-MINSERT with translation, rotation, scale and nesting.  Other entity types are
+bulges, closed), TEXT, MTEXT (plain text), POINT (as a dot), HATCH (boundary
+loops of polylines, lines, arcs and ellipse arcs, filled; patterns drawn as a
+translucent fill), SOLID, TRACE, 3DFACE (outline), INSERT and MINSERT with
+translation, rotation, scale and nesting.  Other entity types are
 counted in the result's ``skipped`` table.  Malformed input raises
 :class:`DxfError` (a ValueError) naming the line; nothing else escapes.
 """
@@ -460,7 +462,23 @@ class Text:
     colour: str = DEFAULT_COLOUR
 
 
-Primitive = Line | EllipticArc | Path | Text
+@dataclass(frozen=True)
+class Hatch:
+    """A filled area (HATCH, SOLID, TRACE): boundary loops, filled even-odd.
+
+    ``solid`` is False for a pattern hatch, drawn as a translucent fill (the
+    pattern lines themselves are not drawn).
+    """
+
+    loops: tuple[Path, ...]
+    solid: bool
+    colour: str = DEFAULT_COLOUR
+
+
+Primitive = Line | EllipticArc | Path | Text | Hatch
+
+#: Fill opacity standing in for a hatch pattern.
+PATTERN_OPACITY = 0.3
 
 
 @dataclass
@@ -598,6 +616,14 @@ class _Flattener:
             self.emit(Line(p, p, colour), e.line)
         elif kind == "INSERT":
             self.insert(e, m, ext, depth, colour, stack)
+        elif kind == "HATCH":
+            self.hatch(e, m @ ocs_matrix(ext, e.float(30, 0.0)), colour)
+        elif kind in ("SOLID", "TRACE"):
+            self.solid(e, m @ ocs_matrix(ext, e.float(30, 0.0)), colour)
+        elif kind == "3DFACE":
+            corners = [(e.float(10 + k), e.float(20 + k)) for k in range(4)]
+            pieces = [Line(m.point(a), m.point(b), colour) for a, b in _ring(corners)]
+            self.emit(Path(tuple(pieces), True, colour), e.line)
         else:
             self.out.skipped[kind] += 1
 
@@ -729,6 +755,34 @@ class _Flattener:
             e.line,
         )
 
+    def solid(self, e: Entity, m: Matrix, colour: str) -> None:
+        # SOLID and TRACE list their corners as 1, 2, 4, 3 (a "Z" order).
+        c = [(e.float(10 + k, 0.0), e.float(20 + k, 0.0)) for k in range(4)]
+        corners = [c[0], c[1], c[3], c[2]] if e.first(13) is not None else c[:3]
+        pieces = tuple(Line(m.point(a), m.point(b), colour) for a, b in _ring(corners))
+        if pieces:
+            self.emit(Hatch((Path(pieces, True, colour),), True, colour), e.line)
+
+    def hatch(self, e: Entity, m: Matrix, colour: str) -> None:
+        reader = _HatchReader(e, colour)
+        loops = [
+            Path(
+                tuple(
+                    Line(m.point(p.start), m.point(p.end), colour)
+                    if isinstance(p, Line)
+                    else p.transformed(m)
+                    for p in loop.pieces
+                ),
+                True,
+                colour,
+            )
+            for loop in reader.loops()
+        ]
+        if reader.unsupported:
+            self.out.skipped["HATCH(spline edge)"] += reader.unsupported
+        if loops:
+            self.emit(Hatch(tuple(loops), e.int(70, 0) == 1, colour), e.line)
+
     def insert(
         self,
         e: Entity,
@@ -766,6 +820,123 @@ class _Flattener:
                 self.entities(block.entities, cell, depth + 1, colour, (*stack, name.upper()))
 
 
+def _ring(points: list[Point]) -> list[tuple[Point, Point]]:
+    """Consecutive pairs of a closed outline, without zero-length edges."""
+    pairs = zip(points, points[1:] + points[:1], strict=True)
+    return [(a, b) for a, b in pairs if a != b]
+
+
+class _HatchReader:
+    """Reads a HATCH's boundary paths, whose group codes repeat in order.
+
+    Layout: ``91`` path count, then per path ``92`` flags and either a
+    polyline (``72`` has-bulge, ``73`` closed, ``93`` count, ``10/20[/42]``
+    per vertex) or ``93`` edges, each ``72`` type: 1 line, 2 arc, 3 ellipse,
+    4 spline; then ``97`` + ``330`` source objects.  Pattern data and seed
+    points follow and are ignored.  Arc and ellipse edges store a clockwise
+    edge as complementary angles (360 - a), swapped.
+    """
+
+    def __init__(self, entity: Entity, colour: str) -> None:
+        self.entity = entity
+        self.tags = entity.tags
+        self.colour = colour
+        self.unsupported = 0
+        self.i = next((k for k, t in enumerate(self.tags) if t.code == 91), len(self.tags))
+
+    def _take(self, code: int) -> Tag:
+        if self.i >= len(self.tags):
+            raise DxfError(self.entity.line, f"HATCH ends where group code {code} was due")
+        tag = self.tags[self.i]
+        if tag.code != code:
+            raise DxfError(tag.line, f"HATCH: expected group code {code}, got {tag.code}")
+        self.i += 1
+        return tag
+
+    def _peek(self) -> int | None:
+        return self.tags[self.i].code if self.i < len(self.tags) else None
+
+    def loops(self) -> list[Path]:
+        if self.i >= len(self.tags):
+            return []
+        count = self._take(91).int()
+        out: list[Path] = []
+        for _ in range(max(count, 0)):
+            if self._peek() != 92:
+                break
+            flags = self._take(92).int()
+            path = self._polyline() if flags & 2 else self._edges()
+            if path is not None and path.pieces:
+                out.append(path)
+            while self._peek() in (97, 330):
+                self.i += 1
+        return out
+
+    def _polyline(self) -> Path:
+        has_bulge = count = 0
+        while self._peek() in (72, 73, 93):
+            tag = self.tags[self.i]
+            self.i += 1
+            if tag.code == 72:
+                has_bulge = tag.int()
+            elif tag.code == 93:
+                count = tag.int()
+        vertices: list[tuple[Point, float]] = []
+        for _ in range(max(count, 0)):
+            x = self._take(10).float()
+            y = self._take(20).float()
+            bulge = self._take(42).float() if has_bulge and self._peek() == 42 else 0.0
+            vertices.append(((x, y), bulge))
+        pieces = []
+        for k, (p1, bulge) in enumerate(vertices):
+            p2 = vertices[(k + 1) % len(vertices)][0]
+            if p1 != p2:
+                pieces.append(_bulge_piece(p1, p2, bulge, self.colour))
+        return Path(tuple(pieces), True, self.colour)
+
+    def _edges(self) -> Path | None:
+        count = self._take(93).int()
+        pieces: list[Line | EllipticArc] = []
+        for _ in range(max(count, 0)):
+            kind = self._take(72).int()
+            if kind == 1:
+                start = (self._take(10).float(), self._take(20).float())
+                end = (self._take(11).float(), self._take(21).float())
+                pieces.append(Line(start, end, self.colour))
+            elif kind in (2, 3):
+                pieces.append(self._arc_edge(kind))
+            else:
+                # Spline edges (or unknown types): skip this boundary path.
+                self.unsupported += 1
+                while self._peek() not in (92, 75, None):
+                    self.i += 1
+                return None
+        return Path(tuple(pieces), True, self.colour)
+
+    def _arc_edge(self, kind: int) -> EllipticArc:
+        centre = (self._take(10).float(), self._take(20).float())
+        if kind == 2:
+            radius = self._take(40).float()
+            major, ratio = (radius, 0.0), 1.0
+        else:
+            major = (self._take(11).float(), self._take(21).float())
+            ratio = self._take(40).float()
+            if not 0 < ratio <= 1 + EPS or math.hypot(*major) < EPS:
+                raise DxfError(self.entity.line, "HATCH ellipse edge with a bad axis or ratio")
+        start, end = self._take(50).float(), self._take(51).float()
+        ccw = self._take(73).int() != 0 if self._peek() == 73 else True
+        if not ccw:
+            start, end = 360.0 - end, 360.0 - start
+        minor = (-major[1] * ratio, major[0] * ratio)
+        t0 = math.atan2(math.sin(math.radians(start)) / ratio, math.cos(math.radians(start)))
+        t1 = math.atan2(math.sin(math.radians(end)) / ratio, math.cos(math.radians(end)))
+        if abs(end - start) >= 360.0 - EPS:
+            t0, t1 = 0.0, math.tau
+        elif t1 <= t0:
+            t1 += math.tau
+        return EllipticArc(centre, major, minor, t0, t1, self.colour, reverse=not ccw)
+
+
 def _numbers(p: Primitive) -> Iterator[float]:
     if isinstance(p, Line):
         yield from (*p.start, *p.end)
@@ -774,6 +945,9 @@ def _numbers(p: Primitive) -> Iterator[float]:
     elif isinstance(p, Path):
         for piece in p.pieces:
             yield from _numbers(piece)
+    elif isinstance(p, Hatch):
+        for loop in p.loops:
+            yield from _numbers(loop)
     else:
         yield from (*p.position, p.height, p.rotation)
 
@@ -823,6 +997,9 @@ def _extent_points(p: Primitive) -> Iterator[Point]:
     elif isinstance(p, Path):
         for piece in p.pieces:
             yield from _extent_points(piece)
+    elif isinstance(p, Hatch):
+        for loop in p.loops:
+            yield from _extent_points(loop)
     else:
         # A rough box: 0.6 em per character, one line height per line.
         lines = p.text.split("\n")
@@ -881,6 +1058,24 @@ class _SvgWriter:
         start = arc.at(arc.t0)
         return f'<path d="M{self.pt(start)} {self.arc_command(arc)}"{colour}/>'
 
+    def path_data(self, p: Path) -> str:
+        """SVG path data of a polyline; a piece not starting where the last ended moves."""
+        d: list[str] = []
+        here: Point | None = None
+        for piece in p.pieces:
+            if isinstance(piece, Line):
+                start, end = piece.start, piece.end
+            else:
+                start = piece.at(piece.t1 if piece.reverse else piece.t0)
+                end = piece.at(piece.t0 if piece.reverse else piece.t1)
+            if here is None or math.dist(here, start) > EPS * max(1.0, *map(abs, start)):
+                d.append(f"M{self.pt(start)}")
+            d.append(f"L{self.pt(end)}" if isinstance(piece, Line) else self.arc_command(piece))
+            here = end
+        if p.closed:
+            d.append("Z")
+        return " ".join(d)
+
     def element(self, p: Primitive) -> str:
         if isinstance(p, Line):
             if p.start == p.end:
@@ -895,21 +1090,14 @@ class _SvgWriter:
         if isinstance(p, EllipticArc):
             return self.arc_element(p)
         if isinstance(p, Path):
-            first = p.pieces[0]
-            start = (
-                first.start
-                if isinstance(first, Line)
-                else first.at(first.t1 if first.reverse else first.t0)
+            return f'<path d="{self.path_data(p)}" stroke="{p.colour}"/>'
+        if isinstance(p, Hatch):
+            d = " ".join(self.path_data(loop) for loop in p.loops)
+            opacity = "" if p.solid else f' fill-opacity="{PATTERN_OPACITY}"'
+            return (
+                f'<path class="hatch" d="{d}" fill="{p.colour}"{opacity} '
+                'fill-rule="evenodd" stroke="none"/>'
             )
-            d = [f"M{self.pt(start)}"]
-            for piece in p.pieces:
-                if isinstance(piece, Line):
-                    d.append(f"L{self.pt(piece.end)}")
-                else:
-                    d.append(self.arc_command(piece))
-            if p.closed:
-                d.append("Z")
-            return f'<path d="{" ".join(d)}" stroke="{p.colour}"/>'
         x, y = self.n(p.position[0]), self.n(-p.position[1])
         lines = p.text.split("\n")
         if len(lines) == 1:

@@ -41,16 +41,26 @@ EXACT = 1e-6
 #: Entity types whose geometry dxf2svg draws (text is compared separately;
 #: HATCH, SOLID, SPLINE... are counted as skipped by dxf2svg).
 DRAWN = {"LINE", "POINT", "ARC", "CIRCLE", "ELLIPSE", "LWPOLYLINE", "POLYLINE"}
+#: Filled areas: their boundaries are compared loosely both ways, because
+#: ezdxf turns hatch arcs into Bezier curves before flattening them.
+FILLED = {"HATCH", "SOLID", "TRACE"}
 
 
 # --------------------------------------------------------------------------- geometry helpers
 
 
-def _pieces(prims: list[Any]) -> Iterator[Any]:
+def _pieces(prims: list[Any], fills: bool = False) -> Iterator[Any]:
+    """Lines and arcs of the outline primitives (or, with ``fills``, of filled areas)."""
     for p in prims:
-        if isinstance(p, dx.Path):
+        if isinstance(p, dx.Hatch):
+            if fills:
+                for loop in p.loops:
+                    yield from loop.pieces
+        elif fills or isinstance(p, dx.Text):
+            continue
+        elif isinstance(p, dx.Path):
             yield from p.pieces
-        elif not isinstance(p, dx.Text):
+        else:
             yield p
 
 
@@ -132,6 +142,22 @@ def _exact_points(entity: Any, sagitta: float) -> list[tuple[float, float]]:
     raise AssertionError(f"unexpected entity {kind}")
 
 
+def _ezdxf_fills(doc: Any, sagitta: float) -> list[list[tuple[float, float]]]:
+    """Boundary loops of ezdxf's filled areas, flattened (arcs via Bezier curves)."""
+    out = []
+    for entity in disassemble.recursive_decompose(doc.modelspace()):
+        if entity.dxftype() not in FILLED:
+            continue
+        prim = disassemble.make_primitive(entity)
+        if entity.dxftype() == "HATCH":
+            for path in prim.path.sub_paths():
+                out.append([(v.x, v.y) for v in path.flattening(sagitta)])
+        else:
+            corners = [(v.x, v.y) for v in prim.vertices()]
+            out.append([*corners, corners[0]])
+    return out
+
+
 def _ezdxf_polylines(doc: Any, sagitta: float) -> list[list[tuple[float, float]]]:
     out = []
     pending = list(disassemble.recursive_decompose(doc.modelspace()))
@@ -188,7 +214,26 @@ def assert_same_geometry(doc: Any) -> Any:
             d = min((_seg_dist(sample, a, b) for a, b in near), default=math.inf)
             assert d < loose, f"our point {sample} ({piece}) is {d} off ezdxf's"
     assert bool(ours) == bool(theirs)
+    _assert_same_fills(theirs_doc, flat, size)
     return flat
+
+
+def _assert_same_fills(doc: Any, flat: Any, size: float) -> None:
+    loose = 2 * FLATTENING * size
+    ours = list(_pieces(flat.primitives, fills=True))
+    theirs = _ezdxf_fills(doc, FLATTENING * size / 4)
+    grid = _Grid(size / 32)
+    for piece in ours:
+        grid.add(piece, dx.extents([piece]))
+    for pl in theirs:
+        for vertex in pl:
+            d = _dist_to_ours(vertex, grid.near(vertex, loose))
+            assert d < loose, f"ezdxf fill boundary point {vertex} is {d} from ours"
+    segments = [seg for pl in theirs for seg in itertools.pairwise(pl)]
+    for piece in ours:
+        for sample in _samples(piece):
+            d = min((_seg_dist(sample, a, b) for a, b in segments), default=math.inf)
+            assert d < loose, f"our fill boundary point {sample} is {d} from ezdxf's"
 
 
 # --------------------------------------------------------------------------- drawings
@@ -342,6 +387,35 @@ def test_sheared_nested_insert_follows_the_matrix_product() -> None:
         on_circle = (math.cos(angle), math.sin(angle), 0)
         point = tuple(m.transform(on_circle))[:2]
         assert _dist_to_ours(point, [circle]) < EXACT
+
+
+def test_hatches_and_solids_match_ezdxf() -> None:
+    doc = ezdxf.new("R2018")
+    blk = doc.blocks.new("H")
+    hatch = blk.add_hatch(color=1)
+    hatch.paths.add_polyline_path([(0, 0, 0), (4, 0, 0.5), (4, 3, 0), (0, 3, -0.3)], is_closed=True)
+    edges = hatch.paths.add_edge_path()
+    edges.add_line((1, 1), (2, 1))
+    edges.add_arc((2, 1.5), 0.5, -90, 90)
+    edges.add_ellipse((1.5, 2), (0.5, 0), 0.5, 120, 250, ccw=True)
+    edges.add_ellipse((3, 2), (0, 0.4), 0.5, 20, 300, ccw=False)
+    edges.add_line((1.5, 2.5), (1, 2.5))
+    cw = blk.add_hatch(color=3)
+    cw.set_pattern_fill("ANSI31", scale=0.5)
+    ring = cw.paths.add_edge_path()
+    ring.add_arc((10, 0), 2, 0, 180, ccw=False)
+    ring.add_line((8, 0), (12, 0))
+    blk.add_solid([(20, 0), (23, 0), (20, 2), (23, 3)])
+    msp = doc.modelspace()
+    msp.add_blockref("H", (5, 5), dxfattribs={"rotation": 25, "xscale": 2, "yscale": -1})
+    msp.add_blockref("H", (-30, 5))
+    flat = assert_same_geometry(doc)
+    hatches = [p for p in flat.primitives if isinstance(p, dx.Hatch)]
+    assert [(len(h.loops), h.solid) for h in hatches] == [(2, True), (1, False), (1, True)] * 2
+    root = ET.fromstring(dx.to_svg(flat))
+    fills = [e for e in root.iter() if e.get("class") == "hatch"]
+    assert len(fills) == 6
+    assert fills[1].get("fill-opacity") == "0.3"
 
 
 def test_text_in_blocks_follows_the_insert() -> None:
