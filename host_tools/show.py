@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 #: Redraws per second: smooth enough for a person, cheap on a Pi.
 REFRESH_PER_SECOND: Final = 2
-#: Width of the "last event" column before rich folds it.
-EVENT_WIDTH: Final = 70
 
 _STATE_STYLE: Final = {
     "starting": "yellow",
@@ -84,10 +82,10 @@ class LiveView:
 
     def table(self) -> Table:
         """Return the table of processes, in start order."""
-        table = Table(expand=False)
+        table = Table(expand=True)
         for column, width in (("process", 13), ("pid", 7), ("state", 15), ("up", 6), ("re", 2)):
-            table.add_column(column, min_width=width, no_wrap=True)
-        table.add_column("last event", max_width=EVENT_WIDTH, overflow="ellipsis", no_wrap=True)
+            table.add_column(column, width=width, no_wrap=True)
+        table.add_column("last event", ratio=1, overflow="ellipsis", no_wrap=True)
         app = self._app
         if app is None or app.supervisor is None:
             return table
