@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import struct
@@ -81,6 +82,7 @@ ABI_WAT = r"""
 """
 
 
+@functools.cache
 def _simplify_wasm() -> bytes:
     """Build the C reference module with its Makefile (clang + lld) and return it."""
     if shutil.which("clang") is None or shutil.which("wasm-ld") is None:
