@@ -121,7 +121,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def provision(link_port: int, *, extra: str = "", pool_size: int = 1) -> Provisioned:
+def provision(
+    link_port: int, *, extra: str = "", pool_size: int = 1, link: str = ""
+) -> Provisioned:
     """Make keys and an inner.toml in a fresh directory the sandbox user can traverse."""
     root = Path(tempfile.mkdtemp(prefix="optogate-inner-"))
     root.chmod(0o755)
@@ -155,8 +157,7 @@ auth_window_s = 60.0
 auth_block_s = 30.0
 
 [link]
-transport = "tcp"
-address = "127.0.0.1:{link_port}"
+{link or f'transport = "tcp"{chr(10)}address = "127.0.0.1:{link_port}"'}
 fetch_timeout_s = 10.0
 sync_timeout_s = 5.0
 payment_sync_wait_s = 3.0
@@ -440,8 +441,10 @@ def ssl_context(gw: Provisioned) -> ssl.SSLContext:
 
 
 @contextlib.contextmanager
-def provisioned(link_port: int, extra: str = "", pool_size: int = 1) -> Iterator[Provisioned]:
-    gw = provision(link_port, extra=extra, pool_size=pool_size)
+def provisioned(
+    link_port: int, extra: str = "", pool_size: int = 1, link: str = ""
+) -> Iterator[Provisioned]:
+    gw = provision(link_port, extra=extra, pool_size=pool_size, link=link)
     try:
         yield gw
     finally:
