@@ -695,8 +695,10 @@ def main(argv: list[str], prog: str) -> int:
         return 2
     from host_tools import show
 
-    # SIGTERM stops the demo as Ctrl-C does: through the same clean shutdown.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM stops the demo as Ctrl-C does, through the same clean shutdown;
+    # once it has begun, further signals are ignored so it can finish.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     view = show.LiveView()
     try:
         with appliance(
@@ -710,23 +712,34 @@ def main(argv: list[str], prog: str) -> int:
             if args.tour:
                 from host_tools.tour import run_tour
 
-                return 0 if run_tour(app, view.console) else 1
-            view.run_until_interrupted()
-            return 0 if not app.supervisor or not app.supervisor.deaths else 1
+                passed = run_tour(app, view.console)
+            else:
+                with contextlib.suppress(KeyboardInterrupt):
+                    view.run_until_interrupted()
+                passed = True
+            view.console.print("stopping every process, in reverse order")
+        deaths = app.supervisor.deaths if app.supervisor else []
+        if deaths:
+            names = ", ".join(f"{d.name} (status {d.exit_code})" for d in deaths)
+            view.console.print(f"[bold red]died while the demo ran: {names}[/]")
+        return 0 if passed and not deaths else 1
     except KeyboardInterrupt:
-        view.console.print("stopping: every process is being stopped in reverse order")
-        return 0
+        view.console.print("interrupted: every process started was stopped")
+        return 1
     except (DemoError, LaunchError) as e:
         view.console.print(f"[bold red]{prog}: {e}[/]")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         view.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    del signum, frame
-    raise KeyboardInterrupt
+def _interrupted(signum: int, frame: object) -> None:
+    del frame
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 __all__ = ["Appliance", "DemoError", "appliance", "link_command", "main"]
