@@ -1,0 +1,105 @@
+"""The usage journal on real files: recovery after a crash, torn tails, idempotent batching."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from firmware.common.crypto.keys import SigningKey
+from firmware.common.errors import StorageError
+from firmware.common.uplink import verify_usage_batch
+from firmware.inner.metering import UsageEntry, UsageJournal, encode_entry
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+KEY = SigningKey.generate()
+
+
+def entry(i: int) -> UsageEntry:
+    return UsageEntry(1_767_225_600 + i, "acme", "echo", "L-1", "ab" * 32, 1, "ok", 3, 4)
+
+
+@pytest.fixture
+def directory() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="og-journal-"))
+    yield d / "usage"
+    shutil.rmtree(d)
+
+
+def journal(d: Path, **kw: object) -> UsageJournal:
+    return UsageJournal(d, key=KEY, gateway="gw", max_records=kw.pop("max_records", 100), **kw)  # type: ignore[arg-type]
+
+
+def tear_last_segment(directory: Path) -> Path:
+    """Append a torn entry to the (only) segment, as a power cut mid-append leaves it."""
+    seg = next(directory.glob("seg-*.log"))
+    with seg.open("ab") as f:
+        f.write(encode_entry(entry(99))[:-3])
+    return seg
+
+
+async def test_append_cut_ack(directory: Path) -> None:
+    j = journal(directory, max_records=3)
+    j.open()
+    await asyncio.gather(*(j.append(entry(i)) for i in range(7)))
+    assert j.stats["appended"] == 7
+    assert j.stats["commits"] < 7  # concurrent appends shared fdatasyncs
+    await j.cut()
+    pending = j.pending_batches()
+    assert [len(verify_usage_batch(b, KEY.public).records) for _, b, _ in pending] == [3, 3, 1]
+    j.acknowledged(pending[0][2])
+    assert len(j.pending_batches()) == 2
+    await j.cut()  # nothing new: no empty batch
+    assert len(j.pending_batches()) == 2
+    await j.aclose()
+
+
+async def test_restart_batches_a_leftover_segment_with_a_torn_tail(directory: Path) -> None:
+    j = journal(directory)
+    j.open()
+    for i in range(4):
+        await j.append(entry(i))
+    ids_before = j.pending_batches()
+    await j.aclose()  # like a crash: the segment stays, not batched
+    seg = tear_last_segment(directory)
+    again = journal(directory)
+    again.open()
+    ((batch_id, blob, _),) = again.pending_batches()
+    assert ids_before == []
+    records = verify_usage_batch(blob, KEY.public).records
+    assert [r.at for r in records] == [1_767_225_600 + i for i in range(4)]
+    assert again.stats["torn_tails"] == 1
+    assert not seg.exists()
+    await again.aclose()
+    # the install id, hence every batch id, survives restarts
+    third = journal(directory)
+    third.open()
+    assert third.pending_batches()[0][0] == batch_id
+    await third.aclose()
+
+
+async def test_a_failing_disk_fails_the_append(directory: Path) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    j = journal(directory, fsync=broken)
+    j.open()
+    with pytest.raises(StorageError):
+        await j.append(entry(0))
+    await j.aclose()
+
+
+async def test_closed_journal_refuses(directory: Path) -> None:
+    j = journal(directory)
+    j.open()
+    await j.aclose()
+    await j.aclose()
+    from firmware.inner.metering import MeteringError
+
+    with pytest.raises(MeteringError):
+        await j.append(entry(0))
