@@ -248,7 +248,7 @@ class InnerDaemon:
         runner = web.AppRunner(
             self.api.app(),
             access_log=None,
-            keepalive_timeout=75.0,
+            keepalive_timeout=cfg.api.idle_timeout_s,
             handle_signals=False,
             shutdown_timeout=STOP_GRACE_S,
         )

@@ -17,6 +17,7 @@ naming the key, so a typo never silently falls back to a default.
     max_header_bytes = 8192
     body_idle_timeout_s = 10.0        # a body chunk must arrive within this
     min_body_rate = 16384             # bytes/s a client must sustain over a body
+    idle_timeout_s = 15.0             # a connection without a complete request is closed
     max_auth_failures = 10            # per address, within auth_window_s ...
     auth_window_s = 60.0
     auth_block_s = 60.0               # ... then 429 for this long
@@ -74,6 +75,10 @@ DEFAULT_BODY_IDLE_S: Final = 10.0
 #: 16 KiB/s is far below any LAN (even Wi-Fi at its worst) yet cuts off a
 #: slowloris that trickles bytes to hold a connection slot.
 DEFAULT_MIN_BODY_RATE: Final = 16 * 1024
+#: A connection that has not completed a request (idle keep-alive, or a
+#: slowloris trickling its headers) is closed after this long: programs on
+#: a LAN reconnect in a millisecond, a held slot costs a file descriptor.
+DEFAULT_IDLE_S: Final = 15.0
 #: Ten wrong keys a minute from one address is no honest program's behaviour.
 DEFAULT_MAX_AUTH_FAILURES: Final = 10
 DEFAULT_AUTH_WINDOW_S: Final = 60.0
@@ -104,6 +109,7 @@ class ApiConfig:
     max_header_bytes: int = DEFAULT_MAX_HEADER
     body_idle_timeout_s: float = DEFAULT_BODY_IDLE_S
     min_body_rate: int = DEFAULT_MIN_BODY_RATE
+    idle_timeout_s: float = DEFAULT_IDLE_S
     max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES
     auth_window_s: float = DEFAULT_AUTH_WINDOW_S
     auth_block_s: float = DEFAULT_AUTH_BLOCK_S

@@ -170,3 +170,46 @@ async def test_a_stalled_body_is_cut_off_and_others_are_served(bed: Bed) -> None
         writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
+
+
+@pytest.mark.timeout(60)
+async def test_a_client_trickling_its_headers_is_disconnected() -> None:
+    import contextlib as _c
+
+    from inner_testbed import CentralPeer, DaemonRunner, free_port, provisioned
+
+    link_port = free_port()
+    with provisioned(link_port, extra="") as gw:
+        text = gw.config.read_text().replace("[api]\n", "[api]\nidle_timeout_s = 1.0\n")
+        gw.config.write_text(text)
+        peer = CentralPeer(gw)
+        await peer.start(link_port)
+        daemon = DaemonRunner(gw)
+        try:
+            await daemon.start()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gw.api_port, ssl=ssl_context(gw)
+            )
+            try:
+                closed = False
+                writer.write(b"POST /v1/auth HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                started = asyncio.get_running_loop().time()
+                for _ in range(40):  # one header byte every 0.1 s
+                    writer.write(b"a")
+                    await writer.drain()
+                    with _c.suppress(TimeoutError):
+                        async with asyncio.timeout(0.1):
+                            if await reader.read(100) == b"":
+                                closed = True
+                                break
+                assert closed
+                assert asyncio.get_running_loop().time() - started >= 0.9  # not at once
+            except (ConnectionError, ssl.SSLError):
+                pass  # closed under our feet: also a disconnection
+            finally:
+                writer.close()
+                with _c.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
+        finally:
+            await daemon.stop()
+            await peer.stop()
