@@ -77,6 +77,9 @@ from firmware.inner.upstream import Upstream, UpstreamUnavailable
 
 #: Exit status after own power failed: EX_TEMPFAIL, "try again later".
 EXIT_POWER: Final = 75
+#: Exit status after the usage journal failed to sync (EX_IOERR): a restart
+#: re-reads it from disk; until then no call is answered without its record.
+EXIT_STORAGE: Final = 74
 #: Exit status when the daemon cannot start (bad keys, state, port in use).
 EXIT_START: Final = 78
 #: A refresh asked by a call is skipped if a sync succeeded this recently:
@@ -346,6 +349,9 @@ class InnerDaemon:
             self.log("time_persist_failed", error=str(e))
 
     async def _status_tick(self) -> None:
+        if self.journal.failed is not None:
+            self.log("usage_journal_failed", error=str(self.journal.failed))
+            self.stop(EXIT_STORAGE, "the usage journal cannot be written")
         try:
             await asyncio.to_thread(
                 write_status, self.config.state_dir / STATUS_FILE, self.status()

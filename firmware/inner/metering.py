@@ -244,6 +244,7 @@ class UsageJournal:
         self._task: asyncio.Task[None] | None = None
         self._install_id = ""
         self._closed = False
+        self.failed: StorageError | None = None
         self.stats = {"appended": 0, "commits": 0, "batches_made": 0, "torn_tails": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -294,6 +295,11 @@ class UsageJournal:
         """Return once ``entry`` is durably journaled.  Raises StorageError, MeteringError."""
         if self._closed or self._wake is None:
             raise MeteringError("the usage journal is closed")
+        if self.failed is not None:
+            # After a failed fdatasync the kernel may have dropped the dirty
+            # pages: nothing written since can be trusted until a restart
+            # re-reads the segment (and cuts any torn tail).
+            raise self.failed
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(encode_entry(entry), fut))
         self._wake.set()
@@ -325,6 +331,7 @@ class UsageJournal:
                 await loop.run_in_executor(None, self._write_sync, fd, data)
             except OSError as e:
                 err = StorageError(getattr(e, "errno", None) or 5, f"usage journal: {e}")
+                self.failed = err
                 for p in group:
                     if not p.future.done():
                         p.future.set_exception(err)

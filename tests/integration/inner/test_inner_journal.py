@@ -91,6 +91,9 @@ async def test_a_failing_disk_fails_the_append(directory: Path) -> None:
     j.open()
     with pytest.raises(StorageError):
         await j.append(entry(0))
+    assert j.failed is not None
+    with pytest.raises(StorageError):  # nothing more is trusted until a restart
+        await j.append(entry(1))
     await j.aclose()
 
 
