@@ -59,6 +59,7 @@ from firmware.common.power.monitor import (
 )
 from firmware.common.power.watcher import LedDriver, PowerWatcher
 from firmware.common.store.atomic import atomic_write
+from firmware.common.store.lock import OwnerLock
 from firmware.outer import sdnotify
 from firmware.outer.cache import SealedCache
 from firmware.outer.config import OuterConfig
@@ -118,8 +119,22 @@ class OuterDaemon:
     async def run(self) -> int:
         """Run until stopped; return the exit status (0, EXIT_FAILURE or EXIT_POWER)."""
         cfg = self.config
+        owner = OwnerLock(cfg.state_dir / "outer.lock")
         try:
             identity = Identity.load(cfg.keys_dir)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            owner.acquire()  # one daemon per state directory: the cache has one writer
+        except (OptogateError, OSError) as e:
+            self._log("startup_failed", error=str(e))
+            return EXIT_FAILURE
+        try:
+            return await self._run(identity)
+        finally:
+            owner.release()
+
+    async def _run(self, identity: Identity) -> int:
+        cfg = self.config
+        try:
             cache = SealedCache(cfg.cache_dir)
             cache.load()
             connectors = self._connectors()

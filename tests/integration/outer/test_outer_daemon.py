@@ -26,7 +26,7 @@ from firmware.common.link import messages as m
 from firmware.common.link.link import Link
 from firmware.common.link.session import Role, SessionConfig
 from firmware.common.power.sim import SimGpio
-from firmware.outer.app import EXIT_POWER, OuterDaemon
+from firmware.outer.app import EXIT_FAILURE, EXIT_POWER, OuterDaemon
 from firmware.outer.cache import digest_of
 from firmware.outer.config import parse_config
 from host_tools.sim.hayes import HayesConfig
@@ -127,6 +127,16 @@ async def test_relay_refuses_requests_outside_the_allowlist(tmp_path: Path) -> N
             assert outer.peer.kinds() == []  # nothing reached central
         finally:
             await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_second_daemon_on_the_same_state_refuses_to_start(tmp_path: Path) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        logged: list[str] = []
+        second = OuterDaemon(outer.daemon.config, log=lambda event, **_: logged.append(event))
+        assert await second.run() == EXIT_FAILURE
+        assert logged == ["startup_failed"]
+        assert not outer.task.done()
 
 
 @pytest.mark.timeout(30)
@@ -399,7 +409,8 @@ async def test_dialup_drop_mid_bundle_leaves_the_cache_clean_and_the_next_call_c
     )
     try:
         async with ModemEmulator(hayes) as modem:
-            doc = config_doc(tmp_path, peer, tls[0], order=["dialup"])
+            # two dials, a drop and a hang-up fit in one request's time
+            doc = config_doc(tmp_path, peer, tls[0], order=["dialup"], request_timeout_s=40.0)
             del doc["internet"]
             doc["dialup"] = {
                 "device": modem.port_path,
@@ -418,7 +429,7 @@ async def test_dialup_drop_mid_bundle_leaves_the_cache_clean_and_the_next_call_c
             fetch = m.FetchService(service="dxf", have_version=None)
             try:
                 with pytest.raises(RemoteError) as info:
-                    await inner.request(fetch, timeout=40)
+                    await inner.request(fetch, timeout=50)
                 assert info.value.code == "central_unreachable"
                 assert info.value.retry_after is not None
                 assert not list(objects.iterdir())  # nothing half-written was kept
@@ -430,7 +441,10 @@ async def test_dialup_drop_mid_bundle_leaves_the_cache_clean_and_the_next_call_c
                     [peer.bundle, peer.licences]
                 )
                 status = await inner.request(m.Status(), timeout=10, expect=m.StatusReport)
-                assert status.fields["uplink.calls_dropped"] == 2
+                fields = status.fields
+                failed = int(fields["uplink.calls_dropped"])
+                failed += int(fields.get("uplink.connect_failures_dialup", 0))
+                assert failed == 2  # the call, and the one it was resumed on
                 assert status.fields["modem.state"] == "online"  # the call is still up
             finally:
                 await close(inner)

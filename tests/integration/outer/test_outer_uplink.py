@@ -217,7 +217,9 @@ async def test_call_dropped_mid_bundle_fails_cleanly_and_next_call_completes(
             with pytest.raises(CentralUnreachable) as info:
                 await up.request(m.FetchService(service="dxf", have_version=None), m.Service)
             assert info.value.retry_after is not None
-            assert up.counters["calls_dropped"] == 2  # the first drop was retried on a new call
+            # the first drop was retried on a new call, which dropped too (during the
+            # bundle, or already while authenticating, as the line's byte count allows)
+            assert up.counters["calls_dropped"] + up.counters["connect_failures_dialup"] == 2
             assert up.counters["requests_resumed"] == 1
             assert up.policy.state is CallState.IDLE
             modem.core.config.no_carrier_after = None
