@@ -163,6 +163,26 @@ async def test_repeated_fetch_is_served_from_the_cache_without_a_call(tmp_path: 
 
 
 @pytest.mark.timeout(30)
+async def test_periodic_sync_at_start_answers_the_inner_modules_sync_without_a_call(
+    tmp_path: Path,
+) -> None:
+    async with outer_daemon(tmp_path, sync_at_start=True, idle_hangup_s=0.2) as outer:
+        await until(lambda: outer.daemon.status().get("uplink.syncs") == 1, 10)
+        await until(lambda: outer.daemon.status().get("uplink.hangups_idle") == 1, 10)
+        inner = await outer.inner()
+        try:
+            reply = await inner.request(m.Sync(since_version=0), timeout=10, expect=m.SyncData)
+            assert reply.sealed_licences == outer.peer.licences
+            assert outer.peer.kinds().count("SYNC") == 1
+            status = await inner.request(m.Status(), timeout=5, expect=m.StatusReport)
+            assert status.fields["relay.sync_cache_hits"] == 1
+            assert status.fields["uplink.calls"] == 1
+            assert "last_sync" in status.fields
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
 async def test_corrupt_cache_object_goes_to_central_again(tmp_path: Path) -> None:
     async with outer_daemon(tmp_path) as outer:
         inner = await outer.inner()
