@@ -386,9 +386,17 @@ class InnerApi:
         allow = await self._decide(service, request[KEY_HASH])
         body = await self._read_call(request)
         try:
-            svc = await self._builder.get(service)
+            async with asyncio.timeout(self._link.build_wait_s):
+                svc = await self._builder.get(service)
         except ServiceUnavailable as e:
             raise ApiError(503, "unavailable", str(e), retry_after=e.retry_after) from None
+        except TimeoutError:  # the build goes on; the caller comes back
+            raise ApiError(
+                503,
+                "unavailable",
+                f"service {service} is being built",
+                retry_after=self._link.retry_after_s,
+            ) from None
         outcome, error = "ok", None
         problem = (
             svc.param_errors(body.params)

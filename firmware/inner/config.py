@@ -28,6 +28,7 @@ naming the key, so a typo never silently falls back to a default.
     baud = 115200                     # serial
     address = "127.0.0.1:7300"        # tcp: the outer module's link listener
     fetch_timeout_s = 900.0           # one FETCH_SERVICE exchange (a bundle at line rate)
+    build_wait_s = 60.0               # a call waits this long for a build, then 503
     sync_timeout_s = 30.0
     payment_sync_wait_s = 5.0         # bounded wait for a fresh sync before a 402
     sync_interval_s = 300.0           # periodic sync
@@ -86,6 +87,9 @@ DEFAULT_AUTH_BLOCK_S: Final = 60.0
 #: A 64 MiB bundle needs ~95 min at 115200 baud; real bundles are tens of
 #: KiB (seconds).  15 min covers a few MiB on a slow line.
 DEFAULT_FETCH_TIMEOUT_S: Final = 900.0
+#: A program's call waits for a build this long; the build itself goes on
+#: (up to fetch_timeout_s) and the caller retries after Retry-After.
+DEFAULT_BUILD_WAIT_S: Final = 60.0
 DEFAULT_SYNC_TIMEOUT_S: Final = 30.0
 #: "Pay, then call again": long enough for the outer module to reach central
 #: over the internet, short enough that a program's call does not hang.
@@ -124,6 +128,7 @@ class LinkConfig:
     baud: int = 115200
     address: str = "127.0.0.1:7300"
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    build_wait_s: float = DEFAULT_BUILD_WAIT_S
     sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
     payment_sync_wait_s: float = DEFAULT_PAYMENT_WAIT_S
     sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S

@@ -138,3 +138,19 @@ async def test_built_services_survive_a_restart_without_fetching(bed: Bed) -> No
     fetches = bed.peer.counts["fetch"]
     assert (await call(bed, {})).status_code == 200
     assert bed.peer.counts["fetch"] == fetches
+
+
+async def test_a_long_build_answers_503_and_goes_on(bed: Bed) -> None:
+    from firmware.inner.config import LinkConfig
+
+    api = bed.daemon.daemon.api
+    api._link = LinkConfig(**{**vars(api._link), "build_wait_s": 0.3})
+    bed.peer.fetch_delay = 1.5
+    r = await call(bed, {})
+    assert r.status_code == 503
+    assert "being built" in r.json()["error"]["message"]
+    assert int(r.headers["Retry-After"]) >= 1
+    builder = bed.daemon.daemon.builder
+    await bed.daemon.wait_for(lambda: "algo" in builder.loaded)
+    assert (await call(bed, {})).status_code == 200
+    assert bed.peer.counts["fetch"] == 1
