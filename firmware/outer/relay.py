@@ -51,7 +51,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, TypeVar
 
 from firmware.common.crypto.errors import InvalidObject
 from firmware.common.crypto.keys import VerifyKey
@@ -76,6 +76,7 @@ INLINE_VERIFY_BYTES: Final = 256 * 1024
 BAD_OBJECT_RETRY: Final = 300.0
 
 Log = Callable[..., None]
+_T = TypeVar("_T")
 StatusSource = Callable[[], Mapping[str, str | int | float | bool]]
 
 
@@ -134,6 +135,7 @@ class Relay:
         self._wall = wall_clock
         self._log = log
         self.counters: Counter[str] = Counter()
+        self._disk = asyncio.Lock()
 
     async def handle(self, msg: messages.Message) -> messages.Message:
         """Return the reply to ``msg`` from the inner module.
@@ -184,7 +186,7 @@ class Relay:
         entry = cache.services.get(msg.service)
         plan = plan_fetch(entry, cache.licence, msg.have_version, now, self._fetch_cache_age)
         if plan.answer and entry is not None:
-            reply = self._from_cache(entry, cache.licence, plan.send_bundle)
+            reply = await self._from_cache(entry, cache.licence, plan.send_bundle)
             if reply is not None:
                 self.counters["cache_hits"] += 1
                 self._log("cache_hit", service=msg.service, bundle=plan.send_bundle)
@@ -197,7 +199,7 @@ class Relay:
                 messages.Service,
             )
         except UplinkError:
-            stale = self._stale(msg)
+            stale = await self._stale(msg)
             if stale is None:
                 raise
             self.counters["stale_served"] += 1
@@ -213,7 +215,8 @@ class Relay:
             raise InvalidObject("central sent no bundle for a holder of none")
         licence_header = await self._verify(reply.sealed_licence, Kind.LICENCE_SET)
         try:
-            cache.store_service(
+            await self._on_disk(
+                cache.store_service,
                 msg.service,
                 version,
                 reply.sealed_bundle or None,
@@ -237,7 +240,9 @@ class Relay:
         # Central said "unchanged" for the cached version, and the inner module
         # holds another: send it the cached bundle.
         entry = cache.services.get(msg.service)
-        data = cache.read(entry.bundle) if entry is not None and entry.bundle else None
+        data = None
+        if entry is not None and entry.bundle:
+            data = await self._on_disk(cache.read, entry.bundle)
         if data is None:
             again = await self._uplink.request(
                 messages.FetchService(service=msg.service, have_version=msg.have_version),
@@ -249,32 +254,42 @@ class Relay:
             return again
         return messages.Service(sealed_bundle=data, sealed_licence=reply.sealed_licence)
 
-    def _from_cache(
+    async def _on_disk(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run a cache operation on a worker thread, one at a time.
+
+        Writing a bundle means megabytes and two fsyncs (seconds on an SD
+        card): on the event loop that would starve the optical session's
+        keepalives.  The lock keeps the cache single-writer.
+        """
+        async with self._disk:
+            return await asyncio.to_thread(fn, *args)
+
+    async def _from_cache(
         self, entry: ServiceEntry, licence: LicenceEntry | None, send_bundle: bool
     ) -> messages.Service | None:
         if licence is None:
             return None
-        lic = self._cache.read(licence.digest)
+        lic = await self._on_disk(self._cache.read, licence.digest)
         if lic is None:
             return None
         bundle = b""
         if send_bundle:
             if entry.bundle is None:
                 return None
-            data = self._cache.read(entry.bundle)
+            data = await self._on_disk(self._cache.read, entry.bundle)
             if data is None:
                 return None
             bundle = data
         return messages.Service(sealed_bundle=bundle, sealed_licence=lic)
 
-    def _stale(self, msg: messages.FetchService) -> messages.Service | None:
+    async def _stale(self, msg: messages.FetchService) -> messages.Service | None:
         entry = self._cache.services.get(msg.service)
         if entry is None:
             return None
         plan = plan_fetch(entry, self._cache.licence, msg.have_version, entry.stored_at, 1e18)
         if not plan.answer:
             return None
-        return self._from_cache(entry, self._cache.licence, plan.send_bundle)
+        return await self._from_cache(entry, self._cache.licence, plan.send_bundle)
 
     # -- SYNC and USAGE_REPORT -----------------------------------------------------------
 
@@ -282,8 +297,10 @@ class Relay:
         now = self._wall()
         last = self._cache.sync
         if last is not None and 0 <= now - last.stored_at <= self._sync_serve_age:
-            sealed = self._cache.read(last.sealed)
-            licences = self._cache.read(last.licences) if last.licences else b""
+            sealed = await self._on_disk(self._cache.read, last.sealed)
+            licences: bytes | None = b""
+            if last.licences:
+                licences = await self._on_disk(self._cache.read, last.licences)
             if sealed is not None and licences is not None:
                 self.counters["sync_cache_hits"] += 1
                 return messages.SyncData(sealed=sealed, sealed_licences=licences)
@@ -293,12 +310,12 @@ class Relay:
         await self._verify(reply.sealed, Kind.SYNC_METADATA)
         if reply.sealed_licences:
             await self._verify(reply.sealed_licences, Kind.LICENCE_SET)
-        self.store_sync(reply, verified=True)
+        await self.store_sync(reply, verified=True)
         self._uplink.note_synced()
         self._log("synced", bytes=len(reply.sealed) + len(reply.sealed_licences))
         return reply
 
-    def store_sync(self, reply: messages.SyncData, *, verified: bool = False) -> None:
+    async def store_sync(self, reply: messages.SyncData, *, verified: bool = False) -> None:
         """Cache a sync reply from central (the uplink's periodic sync calls this).
 
         Verifies it first unless ``verified``; an object that does not verify
@@ -314,7 +331,7 @@ class Relay:
                 if header.kind is not Kind.LICENCE_SET:
                     raise InvalidObject("not a licence set")
                 licences = (header.version, reply.sealed_licences)
-            self._cache.store_sync(reply.sealed, licences, self._wall())
+            await self._on_disk(self._cache.store_sync, reply.sealed, licences, self._wall())
         except InvalidObject as e:
             self.counters["errors_bad_upstream_object"] += 1
             self._log("sync_not_cached", error=str(e))

@@ -51,7 +51,7 @@ import json
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
@@ -286,7 +286,7 @@ class Uplink:
         *,
         connect_timeout: float = 120.0,
         request_timeout: float = 1800.0,
-        on_sync: Callable[[messages.SyncData], None] | None = None,
+        on_sync: Callable[[messages.SyncData], Awaitable[None]] | None = None,
         log: Log = _no_log,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -526,7 +526,7 @@ class Uplink:
             reply = await self.request(messages.Sync(since_version=0), messages.SyncData)
             self.last_sync_wall = time.time()
             if self._on_sync is not None:
-                self._on_sync(reply)
+                await self._on_sync(reply)
             ok = True
             return reply
         finally:
