@@ -155,6 +155,8 @@ class Appliance:
     expiring_until: float = 0.0
     api_key: str = ""
     worker_python: str = ""
+    expiring_after_s: float | None = EXPIRING_AFTER_S
+    central_port: int = 0
     supervisor: Supervisor | None = None
     power: dict[str, bool] = field(default_factory=lambda: {"a": True, "b": True})
     _keeper: threading.Thread | None = None
@@ -243,8 +245,8 @@ class Appliance:
                          "--sign-key", "central-keys/central.key")  # fmt: skip
             self.command("central", *cfg, "service", "publish", bundle)
             until = iso(now + 365 * 86400)
-            if service == EXPIRING_SERVICE:
-                self.expiring_until = now + EXPIRING_AFTER_S
+            if service == EXPIRING_SERVICE and self.expiring_after_s is not None:
+                self.expiring_until = now + self.expiring_after_s
                 until = iso(self.expiring_until)
             out = self.command(
                 "central",
@@ -283,7 +285,9 @@ class Appliance:
             'sync_expiry = "7d"',
         ]
         if listen:
-            lines += ["", "[[listen]]", 'host = "127.0.0.1"', "port = 0"]
+            # A fixed port, so central restarted is found where it was.
+            port = self.central_port = self.central_port or free_port()
+            lines += ["", "[[listen]]", 'host = "127.0.0.1"', f"port = {port}"]
         if serial:
             lines += ["", "[[serial]]", f"port = {json.dumps(serial)}", "auto_answer_rings = 0"]
         self.central_config.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -637,10 +641,13 @@ def appliance(
     dial_delay: float = DEFAULT_DIAL_DELAY,
     api_port: int = 0,
     on_change: Callable[[Managed], None] | None = None,
+    expiring_after_s: float | None = EXPIRING_AFTER_S,
 ) -> Iterator[Appliance]:
     """Provision and start an appliance; stop it (and remove a temporary state) on exit.
 
-    Raises DemoError or LaunchError when it cannot be provisioned or started.
+    ``expiring_after_s`` is how long after provisioning the ``echo`` licence
+    ends (None: a year, like the others).  Raises DemoError or LaunchError
+    when it cannot be provisioned or started.
     """
     temporary = state is None
     state_dir = Path(tempfile.mkdtemp(prefix="optogate-demo-")) if state is None else state
@@ -650,6 +657,7 @@ def appliance(
         dial_delay=dial_delay,
         api_port=api_port,
         on_change=on_change,
+        expiring_after_s=expiring_after_s,
     )
     try:
         if not (app.state_dir / "api-key").exists():

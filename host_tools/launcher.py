@@ -17,8 +17,9 @@ A spec's ``ready`` function sees every stdout line (parsed as JSON when it
 is JSON) and returns the process's *info* (ports, device paths) once the
 line it waits for has come.  One reader thread per process copies every
 stdout line into ``logs/NAME.log`` in the state directory, keeps the last
-event for the live display, and notices the end of the stream; stderr goes
-straight to ``logs/NAME.err``.  When a process exits the reader records how:
+event for the live display, and notices the end of the stream; a second
+thread copies stderr into ``logs/NAME.err`` (the simulators' event lines
+count as events too).  When a process exits the reader records how:
 
 * ``stopped``: the supervisor stopped it;
 * ``powered off``: it exited with its spec's ``power_exit`` status (the
@@ -60,6 +61,9 @@ DEFAULT_GRACE: Final = 8.0
 #: Lines of a dead process's stderr kept for its report: enough for a
 #: Python traceback's last frames and the message.
 STDERR_TAIL_LINES: Final = 12
+#: How long an exit report waits for the rest of stderr: a member of the
+#: process group that outlives the leader may hold stderr open.
+STDERR_JOIN_S: Final = 5.0
 #: Longest stdout line kept for the "last event" column.
 MAX_EVENT_TEXT: Final = 200
 
@@ -106,6 +110,7 @@ class Managed:
     restarts: int = 0
     ready_event: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
+    err_reader: threading.Thread | None = None
     stopping: bool = False
 
     @property
@@ -239,22 +244,25 @@ class Supervisor:
     def _spawn(self, spec: ProcessSpec) -> Managed:
         log_path = self.log_dir / f"{spec.name}.log"
         err_path = self.log_dir / f"{spec.name}.err"
-        err = err_path.open("ab")
         try:
             proc = subprocess.Popen(
                 list(spec.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=err,
+                stderr=subprocess.PIPE,
                 cwd=spec.cwd,
                 env=self._env,
                 start_new_session=True,
             )
         except OSError as e:
             raise LaunchError(f"cannot start {spec.name}: {e}") from e
-        finally:
-            err.close()
         managed = Managed(spec, proc, log_path, err_path)
+        # stderr first: the stdout reader joins it before it reports an exit,
+        # so a death's report carries the whole of its stderr.
+        managed.err_reader = threading.Thread(
+            target=self._read_stderr, args=(managed,), name=f"launcher-{spec.name}-err", daemon=True
+        )
+        managed.err_reader.start()
         reader = threading.Thread(
             target=self._read, args=(managed,), name=f"launcher-{spec.name}", daemon=True
         )
@@ -271,6 +279,8 @@ class Supervisor:
             self._copy(managed, stream, log)
         stream.close()
         code = managed.proc.wait()
+        if managed.err_reader is not None:
+            managed.err_reader.join(STDERR_JOIN_S)
         managed.exit_code = code
         if managed.stopping:
             managed.state = "stopped"
@@ -284,17 +294,23 @@ class Supervisor:
                 )
         self._on_change(managed)
 
+    def _read_stderr(self, managed: Managed) -> None:
+        stream = managed.proc.stderr
+        assert stream is not None
+        with managed.err_path.open("ab") as log:
+            for raw in iter(stream.readline, b""):
+                log.write(raw)
+                log.flush()
+                _note_event(managed, json_object(raw.decode("utf-8", "replace")))
+        stream.close()
+
     def _copy(self, managed: Managed, stream: IO[bytes], log: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
             log.write(raw)
             log.flush()
             line = raw.decode("utf-8", "replace").rstrip("\n")
             parsed = json_object(line)
-            managed.events += 1
-            if parsed is not None and "event" in parsed:
-                extra = {k: v for k, v in parsed.items() if k not in ("ts", "event")}
-                text = f"{parsed['event']} {json.dumps(extra, default=str)}" if extra else ""
-                managed.last_event = (text or str(parsed["event"]))[:MAX_EVENT_TEXT]
+            _note_event(managed, parsed)
             if not managed.ready_event.is_set():
                 info = managed.spec.ready(line, parsed)
                 if info is not None:
@@ -348,6 +364,16 @@ class Supervisor:
         """Stop every process in reverse start order."""
         for name in reversed(self.order):
             self.stop(name, grace)
+
+
+def _note_event(managed: Managed, parsed: dict[str, Any] | None) -> None:
+    """Keep a structured log line as the process's last event (for the live display)."""
+    if parsed is None or "event" not in parsed:
+        return
+    managed.events += 1
+    extra = {k: v for k, v in parsed.items() if k not in ("ts", "event")}
+    text = f"{parsed['event']} {json.dumps(extra, default=str)}" if extra else ""
+    managed.last_event = (text or str(parsed["event"]))[:MAX_EVENT_TEXT]
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -1,0 +1,150 @@
+"""Faults on the whole appliance: noise and a cut on the optical line during a bundle
+transfer, the outer module SIGKILLed in the middle of a call to central, central down
+then up.
+
+One appliance (internet path, so that no dial delay dominates) takes every fault in
+turn; each fault hits a service that is not built yet, so a bundle really crosses the
+line while it happens.  Every call must end with the right answer; the supervisor must
+report the killed process as a death and start it again on request.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from host_tools.client import CallResult, Client, Unavailable
+from host_tools.demo import Appliance, appliance, link_command
+from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+#: Start (~20 s), four cold calls with faults (~60 s), stop; room for a loaded machine.
+BOUND_S = 360
+#: Bit-error rate during the noisy transfer: the 38 KiB dxf2svg bundle is
+#: about 310,000 bits, so 2e-5 damages a handful of frames, each retransmitted.
+NOISE_BER = 2e-5
+#: Bytes beyond the keepalives that show a bundle is crossing the line.
+BUNDLE_UNDER_WAY = 3000
+
+
+def _stats(app: Appliance) -> dict[str, Any]:
+    reply = link_command(app.control, {"cmd": "stats"})
+    stats = reply["stats"]
+    assert isinstance(stats, dict)
+    return stats
+
+
+def _flipped(app: Appliance) -> int:
+    stats = _stats(app)
+    return sum(int(stats[d]["bits_flipped"]) for d in ("a->b", "b->a"))
+
+
+def _in_background(fn: Callable[[], CallResult]) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as e:  # the test thread re-raises it
+            box.append(e)
+
+    thread = threading.Thread(target=run, name="e2e-call")
+    thread.start()
+    return thread, box
+
+
+def _result(thread: threading.Thread, box: list[Any], limit: float) -> CallResult:
+    thread.join(limit)
+    assert not thread.is_alive(), "the call did not end"
+    (outcome,) = box
+    if isinstance(outcome, Exception):
+        raise outcome
+    assert isinstance(outcome, CallResult)
+    return outcome
+
+
+def _wait_for(predicate: Callable[[], bool], limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(BOUND_S)
+def test_noise_cut_outer_killed_and_central_down() -> None:
+    with appliance(internet=True, expiring_after_s=None) as app:
+        sup = app.supervisor
+        assert sup is not None
+
+        def client(max_wait: float = 180) -> Client:
+            return Client(app.url, app.api_key, app.ca_file, max_wait=max_wait, timeout=300)
+
+        # 1. Noise on the optical line while the dxf2svg bundle crosses it.
+        link_command(app.control, {"cmd": "set", "ber": NOISE_BER})
+        with client() as gw:
+            svg = gw.call("dxf2svg", {}, SAMPLE_DXF)
+        link_command(app.control, {"cmd": "set", "ber": 0.0})
+        assert svg.result["entities"] == {"CIRCLE": 1, "LINE": 4}
+        assert _flipped(app) > 0  # the line really was noisy
+
+        # 2. The line cut for 3 s while doc-encrypt is being fetched.
+        def encrypt() -> CallResult:
+            with client() as gw:
+                return gw.call("doc-encrypt", {"op": "encrypt", "password": "pw"}, SAMPLE_DOCUMENT)
+
+        delivered = int(_stats(app)["a->b"]["bytes_delivered"])
+        thread, box = _in_background(encrypt)
+        # The bundle flows outer -> inner (a -> b); keepalives are a few bytes a
+        # second, so this many more bytes means the bundle is on the line.
+        _wait_for(
+            lambda: int(_stats(app)["a->b"]["bytes_delivered"]) > delivered + BUNDLE_UNDER_WAY,
+            60,
+            "the doc-encrypt bundle never started across the line",
+        )
+        link_command(app.control, {"cmd": "cut"})
+        time.sleep(3)
+        link_command(app.control, {"cmd": "restore"})
+        sealed = _result(thread, box, 240)
+        assert sealed.data.startswith(b"OGDE")
+        assert int(_stats(app)["a->b"]["lost_cut"]) + int(_stats(app)["b->a"]["lost_cut"]) > 0
+
+        # 3. The outer module SIGKILLed while it fetches polyline-simplify from central.
+        outer = sup.processes["outer"]
+        polyline = [(0.0, 0.0), (1.0, 0.01), (2.0, -0.01), (3.0, 5.0), (4.0, 6.0), (5.0, 7.0)]
+        points = b"".join(struct.pack("<dd", *p) for p in polyline)
+
+        def simplify() -> CallResult:
+            with client() as gw:
+                return gw.call("polyline-simplify", {"epsilon": 0.1}, points)
+
+        thread, box = _in_background(simplify)
+        _wait_for(
+            lambda: outer.last_event.startswith(("connecting", "call_up", "fetched")),
+            60,
+            "the outer module never called central",
+        )
+        sup.kill("outer")
+        sup.wait_exit("outer", 10)
+        assert outer.state == "died"
+        assert [d.name for d in sup.deaths] == ["outer"]
+        sup.restart("outer")
+        done = _result(thread, box, 240)
+        assert done.result == {"points_in": 6, "points_out": 4}
+
+        # 4. Central down: an unbuilt service answers 503 with Retry-After; central
+        #    back on the same address: the same call succeeds.
+        sup.stop("central")
+        with pytest.raises(Unavailable) as refused, client(max_wait=0) as gw:
+            gw.call("echo", {"text": "x"}, b"x")
+        assert refused.value.status == 503 and refused.value.retry_after is not None
+        sup.restart("central")
+        with client() as gw:
+            echoed = gw.call("echo", {"text": "x"}, b"x")
+        assert echoed.data == b"x"
+        assert [d.name for d in sup.deaths] == ["outer"]  # nothing else died
