@@ -337,7 +337,8 @@ class Uplink:
         self.policy.request_started(self._loop.time())
         self._wake.set()
         try:
-            for attempt in range(RESUME_ATTEMPTS + 1):
+            resumes = 0
+            while True:
                 call = await self._ensure_call(deadline)
                 remaining = deadline - self._loop.time()
                 try:
@@ -356,14 +357,13 @@ class Uplink:
                     self.counters["calls_dropped"] += 1
                     self._log("call_dropped", request=msg.KIND.name, error=str(e))
                     await self._end_call(call, "dropped")
-                    if attempt < RESUME_ATTEMPTS and self._loop.time() < deadline:
-                        self.counters["requests_resumed"] += 1
-                        continue
-                    raise CentralUnreachable(
-                        f"the call to central dropped during {msg.KIND.name}: {e}",
-                        self.policy.retry_after(self._loop.time()),
-                    ) from e
-            raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+                    if resumes >= RESUME_ATTEMPTS or self._loop.time() >= deadline:
+                        raise CentralUnreachable(
+                            f"the call to central dropped during {msg.KIND.name}: {e}",
+                            self.policy.retry_after(self._loop.time()),
+                        ) from e
+                    resumes += 1
+                    self.counters["requests_resumed"] += 1
         finally:
             self.policy.request_finished(self._loop.time())
             self._wake.set()
