@@ -228,3 +228,27 @@ def test_event_log_counts_drops() -> None:
     out.close()
     log("lost")
     assert (log.written, log.dropped) == (1, 1)
+
+
+_scalars = st.one_of(
+    st.integers(-5, 70000), st.floats(allow_nan=False), st.text(max_size=8), st.booleans()
+)
+_keys = st.sampled_from(
+    ["port", "host", "transport", "address", "baud", "pool_size", "user", "backend", "x", "control"]
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["gateway", "api", "link", "runtime", "metering", "gpio", "sim", "zz"]),
+        st.dictionaries(_keys, _scalars, max_size=4),
+        max_size=5,
+    )
+)
+def test_config_parser_raises_only_config_errors(doc: dict[str, dict[str, object]]) -> None:
+    doc = {**doc, "gateway": {"keys_dir": "k", "state_dir": "s"}}
+    try:
+        cfg = parse_config(doc, Path("/etc/optogate"))
+    except ConfigError:
+        return
+    assert cfg.api.port > 0
