@@ -73,6 +73,7 @@ from firmware.common.link.session import Role, SessionConfig
 from firmware.common.uplink import auth_transcript
 from firmware.outer.config import DialupConfig, InternetConfig
 from firmware.outer.errors import CentralRefused, CentralUnreachable, OuterConfigError
+from firmware.outer.modem.errors import CallLimitReached
 from firmware.outer.modem.port import ModemConnection, ModemTransport
 from firmware.outer.policy import CallPolicy, CallState, PolicyConfig
 
@@ -409,6 +410,7 @@ class Uplink:
         self.counters["connects"] += 1
         await self._hung_up.wait()
         errors: list[str] = []
+        hint: float | None = None  # the modem's own "not before" (calls-per-hour cap)
         for connector in self._connectors:
             self._log("connecting", transport=connector.name)
             try:
@@ -420,6 +422,8 @@ class Uplink:
                 self._log("auth_refused", transport=connector.name, error=str(e))
                 raise
             except (OptogateError, OSError) as e:
+                if isinstance(e, CallLimitReached):
+                    hint = max(hint or 0.0, e.retry_at - self._loop.time())
                 reason = str(e) or type(e).__name__  # a bare TimeoutError says nothing
                 errors.append(f"{connector.name}: {reason}")
                 self.counters[f"connect_failures_{connector.name}"] += 1
@@ -436,7 +440,7 @@ class Uplink:
             self._log("call_up", transport=connector.name, detail=call.detail)
             self._wake.set()
             return call
-        wait = self.policy.connect_failed(self._loop.time())
+        wait = self.policy.connect_failed(self._loop.time(), hint)
         self.last_error = "; ".join(errors)
         self._log("unreachable", errors=errors, retry_after=round(wait, 3))
         raise CentralUnreachable(f"central unreachable: {self.last_error}", wait)

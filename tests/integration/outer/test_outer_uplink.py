@@ -242,6 +242,21 @@ async def test_dropped_call_resumes_on_a_new_call(bench: Bench) -> None:
             assert up.counters["requests_resumed"] == 1
 
 
+@pytest.mark.timeout(30)
+async def test_calls_per_hour_cap_becomes_the_retry_hint(bench: Bench) -> None:
+    async with modem_to(bench.peer) as modem:
+        connector = bench.dialup(modem, max_calls_per_hour=1)
+        up = bench.uplink([connector], order=("dialup",), idle_hangup=0.2, backoff_max=5.0)
+        async with running(up):
+            await up.request(m.Status(), m.StatusReport)
+            await until(lambda: up.counters["hangups_idle"] == 1, 10)
+            with pytest.raises(CentralUnreachable) as info:
+                await up.request(m.Status(), m.StatusReport)
+            # the cap's hour, not the 0.2 s backoff: no redial within the hour
+            assert info.value.retry_after is not None and info.value.retry_after > 3000
+            assert bench.peer.connections == 1
+
+
 @pytest.mark.timeout(20)
 async def test_every_transport_down_fails_fast_then_backs_off(bench: Bench) -> None:
     up = bench.uplink(
