@@ -157,6 +157,7 @@ class Appliance:
     worker_python: str = ""
     expiring_after_s: float | None = EXPIRING_AFTER_S
     central_port: int = 0
+    modem_busy: int = 0
     supervisor: Supervisor | None = None
     power: dict[str, bool] = field(default_factory=lambda: {"a": True, "b": True})
     _keeper: threading.Thread | None = None
@@ -356,6 +357,8 @@ class Appliance:
                         str(MODEM_SPEED),
                         "--dial-delay",
                         f"{self.dial_delay:g}",
+                        "--busy",
+                        str(self.modem_busy),
                     ),
                     first_json_line("port"),
                     SIM_READY_S,
@@ -469,7 +472,9 @@ fetch_timeout_s = 600.0
 sync_timeout_s = 120.0
 payment_sync_wait_s = 60.0
 sync_interval_s = 300.0
-usage_interval_s = 60.0
+# Usage also ships whenever the link comes up; rarely otherwise, so that a
+# shipment seldom dials in the middle of a step of the tour.
+usage_interval_s = 600.0
 retry_after_s = 5.0
 
 [runtime]
@@ -642,11 +647,13 @@ def appliance(
     api_port: int = 0,
     on_change: Callable[[Managed], None] | None = None,
     expiring_after_s: float | None = EXPIRING_AFTER_S,
+    modem_busy: int = 0,
 ) -> Iterator[Appliance]:
     """Provision and start an appliance; stop it (and remove a temporary state) on exit.
 
     ``expiring_after_s`` is how long after provisioning the ``echo`` licence
-    ends (None: a year, like the others).  Raises DemoError or LaunchError
+    ends (None: a year, like the others); the gateway's modem answers the
+    first ``modem_busy`` dials BUSY.  Raises DemoError or LaunchError
     when it cannot be provisioned or started.
     """
     temporary = state is None
@@ -658,6 +665,7 @@ def appliance(
         api_port=api_port,
         on_change=on_change,
         expiring_after_s=expiring_after_s,
+        modem_busy=modem_busy,
     )
     try:
         if not (app.state_dir / "api-key").exists():

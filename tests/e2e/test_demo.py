@@ -11,6 +11,8 @@ modems, the sealed bundles and the licences are the real ones.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from host_tools.client import Client
-from host_tools.demo import EXPIRING_SERVICE, appliance
+from host_tools.demo import CUSTOMER, EXPIRING_SERVICE, Appliance, appliance
 from host_tools.tour import SAMPLE_DXF, STEPS, outer_status, walk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -31,6 +33,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 #: The tour takes about 40 s on an idle two-core machine, plus 20 s to start
 #: and 25 s to stop; the bound leaves room for a loaded one.
 TOUR_BOUND_S = 420
+#: The usage journal ships when the link comes back up; allow a dial-up call.
+USAGE_SHIPPED_S = 60
 #: One appliance started, one cold call, stopped.
 SHORT_BOUND_S = 240
 
@@ -43,10 +47,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _usage(app: Appliance) -> dict[str, int]:
+    month = time.strftime("%Y-%m", time.gmtime())
+    out = app.command("central", "--config", str(app.central_config), "usage", "report",
+                      "--customer", CUSTOMER, "--month", month, "--csv")  # fmt: skip
+    calls: dict[str, int] = {}
+    for row in list(csv.DictReader(io.StringIO(out))):
+        calls[row["service"]] = calls.get(row["service"], 0) + int(row["calls"])
+    return calls
+
+
+def _usage_once_shipped(app: Appliance) -> dict[str, int]:
+    """Return central's usage once the calls before the power cut have arrived (or at 60 s)."""
+    deadline = time.monotonic() + USAGE_SHIPPED_S
+    while True:
+        calls = _usage(app)
+        if calls.get("dxf2svg", 0) >= 3 or time.monotonic() > deadline:
+            return calls
+        time.sleep(1.0)
+
+
 @pytest.mark.timeout(TOUR_BOUND_S)
 def test_tour_every_step_behaves() -> None:
     with appliance() as app:
         results = walk(app)
+        usage = _usage_once_shipped(app) if all(r.ok for r in results) else {}
         sup = app.supervisor
         assert sup is not None
         pids = [m.pid for m in sup.processes.values()]
@@ -73,6 +98,12 @@ def test_tour_every_step_behaves() -> None:
     assert "polyline-simplify built and answered" in back.detail
     assert by_name["dxf2svg, second call (warm)"].seconds < cold.seconds
     assert outer_restarts == 1  # booted once when its power returned
+    # Every call that ran before the power cycle is billed exactly once (the
+    # inner module ships its journal when the link comes back up).
+    assert usage.get("dxf2svg") == 3, usage
+    assert usage.get("doc-encrypt") == 2, usage
+    assert usage.get(EXPIRING_SERVICE) == 1, usage
+    assert usage.get("polyline-simplify", 0) in (0, 1), usage
     assert deaths == [], f"processes died during the tour: {deaths}"
     assert not any(_alive(pid) for pid in pids)
 

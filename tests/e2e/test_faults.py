@@ -20,7 +20,7 @@ import pytest
 
 from host_tools.client import CallResult, Client, Unavailable
 from host_tools.demo import Appliance, appliance, link_command
-from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF
+from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF, fresh_outer_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -148,3 +148,19 @@ def test_noise_cut_outer_killed_and_central_down() -> None:
             echoed = gw.call("echo", {"text": "x"}, b"x")
         assert echoed.data == b"x"
         assert [d.name for d in sup.deaths] == ["outer"]  # nothing else died
+
+
+@pytest.mark.timeout(BOUND_S)
+def test_modem_busy_twice_then_the_call_goes_through() -> None:
+    with appliance(modem_busy=2, expiring_after_s=None) as app:
+        with Client(app.url, app.api_key, app.ca_file, max_wait=240, timeout=300) as gw:
+            svg = gw.call("dxf2svg", {}, SAMPLE_DXF)
+        assert svg.result["entities"] == {"CIRCLE": 1, "LINE": 4}
+        status = fresh_outer_status(app, time.time())
+        # Both dials of the first connect met BUSY; a later connect got through.
+        assert status["uplink.connect_failures_dialup"] >= 1, status
+        assert status["uplink.calls_dialup"] >= 1, status
+        log = (app.state_dir / "logs" / "outer.log").read_text().splitlines()
+        busy = [line for line in log if "modem_" in line and "Busy" in line]
+        assert len(busy) >= 2, busy
+        assert app.supervisor is not None and app.supervisor.deaths == []
