@@ -1,15 +1,18 @@
-"""Faults on the whole appliance: noise and a cut on the optical line during a bundle
-transfer, the outer module SIGKILLed in the middle of a call to central, central down
-then up.
+"""Faults on the whole appliance: noise, a cut and a garbage flood on the optical line
+during bundle transfers, the outer module SIGKILLed in the middle of a call to central,
+the inner module SIGKILLed while a bundle arrives, central down then up, the gateway's
+modem BUSY twice, a tampered bundle.
 
-One appliance (internet path, so that no dial delay dominates) takes every fault in
-turn; each fault hits a service that is not built yet, so a bundle really crosses the
-line while it happens.  Every call must end with the right answer; the supervisor must
-report the killed process as a death and start it again on request.
+Each appliance (internet path, so that no dial delay dominates, except for the modem
+test) takes several faults in turn; each fault hits a service that is not built yet,
+so a bundle really crosses the line while it happens.  Every call must end with the
+right answer; the supervisor must report a killed process as a death and start it
+again on request.
 """
 
 from __future__ import annotations
 
+import signal
 import struct
 import threading
 import time
@@ -18,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from host_tools.client import CallResult, Client, Unavailable
-from host_tools.demo import Appliance, appliance, link_command
+from host_tools.client import CallResult, Client, GatewayError, Unavailable
+from host_tools.demo import Appliance, DemoError, appliance, link_command
 from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF, fresh_outer_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -29,6 +32,10 @@ BOUND_S = 360
 #: Bit-error rate during the noisy transfer: the 38 KiB dxf2svg bundle is
 #: about 310,000 bits, so 2e-5 damages a handful of frames, each retransmitted.
 NOISE_BER = 2e-5
+#: A garbage flood: one bit in fifty damaged, for long enough that the
+#: session's keepalive gives up (4 s) and the link must come back by itself.
+FLOOD_BER = 0.02
+FLOOD_S = 6.0
 #: Bytes beyond the keepalives that show a bundle is crossing the line.
 BUNDLE_UNDER_WAY = 3000
 
@@ -164,3 +171,63 @@ def test_modem_busy_twice_then_the_call_goes_through() -> None:
         busy = [line for line in log if "modem_" in line and "Busy" in line]
         assert len(busy) >= 2, busy
         assert app.supervisor is not None and app.supervisor.deaths == []
+
+
+@pytest.mark.timeout(BOUND_S)
+def test_inner_killed_mid_transfer_garbage_flood_and_a_tampered_bundle() -> None:
+    with appliance(internet=True, expiring_after_s=None) as app:
+        sup = app.supervisor
+        assert sup is not None
+
+        def client(max_wait: float = 180) -> Client:
+            return Client(app.url, app.api_key, app.ca_file, max_wait=max_wait, timeout=300)
+
+        def convert() -> CallResult:
+            with client() as gw:
+                return gw.call("dxf2svg", {}, SAMPLE_DXF)
+
+        # 1. The inner module SIGKILLed while the dxf2svg bundle crosses the line
+        #    (and while it writes what arrived): it starts again from what it
+        #    had committed and builds the service on the next call.
+        delivered = int(_stats(app)["a->b"]["bytes_delivered"])
+        thread, box = _in_background(convert)
+        _wait_for(
+            lambda: int(_stats(app)["a->b"]["bytes_delivered"]) > delivered + BUNDLE_UNDER_WAY,
+            60,
+            "the dxf2svg bundle never started across the line",
+        )
+        sup.kill("inner")
+        thread.join(60)
+        assert not thread.is_alive()
+        assert isinstance(box[0], GatewayError)  # the caller's connection died with it
+        sup.wait_exit("inner", 10)
+        assert [(d.name, d.exit_code) for d in sup.deaths] == [("inner", -signal.SIGKILL)]
+        sup.restart("inner")
+        assert convert().result["entities"] == {"CIRCLE": 1, "LINE": 4}
+
+        # 2. A flood of garbage on the optical line (every few bytes damaged) while
+        #    doc-encrypt is fetched: the session drops what fails its CRC, goes
+        #    down, and comes back when the line is clean; the call gets through.
+        def encrypt() -> CallResult:
+            with client() as gw:
+                return gw.call("doc-encrypt", {"op": "encrypt", "password": "pw"}, SAMPLE_DOCUMENT)
+
+        thread, box = _in_background(encrypt)
+        link_command(app.control, {"cmd": "set", "ber": FLOOD_BER})
+        time.sleep(FLOOD_S)
+        link_command(app.control, {"cmd": "set", "ber": 0.0})
+        assert _result(thread, box, 240).data.startswith(b"OGDE")
+
+        # 3. A tampered bundle is refused by central; the gateway keeps serving.
+        good = (app.state_dir / "bundles" / "echo.ogb").read_bytes()
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0x01
+        (app.state_dir / "bundles" / "echo-tampered.ogb").write_bytes(bytes(bad))
+        with pytest.raises(DemoError, match="publish"):
+            app.command(
+                "central", "--config", str(app.central_config), "service", "publish",
+                "bundles/echo-tampered.ogb",
+            )  # fmt: skip
+        with client() as gw:
+            assert gw.call("echo", {"text": "y"}, b"y").data == b"y"
+        assert [d.name for d in sup.deaths] == ["inner"]  # nothing else died
