@@ -224,6 +224,7 @@ class ServiceBuilder:
         self.loaded: dict[str, LoadedService] = {}
         self._builds: dict[str, asyncio.Future[LoadedService]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._upgrading: set[str] = set()
         self.stats = {"builds": 0, "build_failures": 0, "fetches": 0, "swaps": 0, "removals": 0}
 
     async def load_installed(self) -> None:
@@ -362,17 +363,24 @@ class ServiceBuilder:
     def reconcile(self, licences: LicenceSet | None, now: int) -> None:
         """After a sync: upgrade services central lists newer, remove dead ones."""
         meta = self._trust.verifier.metadata
+        if meta is None or licences is None:  # nothing to judge by yet: change nothing
+            return
         for name, svc in list(self.loaded.items()):
-            ref = meta.find(Kind.BUNDLE, name) if meta is not None else None
-            alive = licences is not None and any(
+            ref = meta.find(Kind.BUNDLE, name)
+            alive = any(
                 lic.service == name
                 and lic.licence_id not in licences.revoked
                 and lic.valid_until >= now
                 for lic in licences.licences
             )
-            if meta is not None and (ref is None or not alive):
+            if ref is None or not alive:
                 self._remove(name, "withdrawn" if ref is None else "no valid licence")
-            elif ref is not None and ref.version > svc.version and self.board.begin_upgrade(name):
+            elif (
+                ref.version > svc.version
+                and name not in self._upgrading
+                and self.board.begin_upgrade(name)
+            ):
+                self._upgrading.add(name)
                 task = asyncio.get_running_loop().create_task(self._upgrade(name, svc.version))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -383,6 +391,8 @@ class ServiceBuilder:
         except (OptogateError, ValueError) as e:
             self._log("upgrade_failed", service=name, error=str(e))
             return
+        finally:
+            self._upgrading.discard(name)
         if name in self.loaded:
             self._install_loaded(svc)
         else:

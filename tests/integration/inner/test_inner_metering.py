@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -20,6 +21,13 @@ from inner_testbed import (
 )
 
 pytestmark = [pytest.mark.integration]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    """Return once ``cond()`` holds; raise TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not cond():  # noqa: ASYNC110 - polling a plain attribute
+            await asyncio.sleep(0.05)
 
 
 async def call(http: httpx.AsyncClient, key: str, params: dict[str, object]) -> httpx.Response:
@@ -87,8 +95,7 @@ async def test_exactly_once_across_kill_9() -> None:
                 await daemon.start()
                 for _ in range(10):
                     assert (await call(http, key.secret, {})).status_code == 200
-                first_sent = len(peer.batch_sends)
-                assert first_sent >= 1
+                await until(lambda: bool(peer.batch_sends))  # the restart's catch-up
                 # 3: kill -9 in the middle of a burst of calls
                 burst = [asyncio.ensure_future(call(http, key.secret, {})) for _ in range(40)]
                 await asyncio.wait(burst[:10])
