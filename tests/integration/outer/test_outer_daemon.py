@@ -412,7 +412,7 @@ async def test_serial_optical_link_and_power_through_the_link_simulator(tmp_path
         await peer.aclose()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 @pytest.mark.slow
 async def test_dialup_drop_mid_bundle_leaves_the_cache_clean_and_the_next_call_completes(
     tmp_path: Path,

@@ -227,7 +227,8 @@ async def test_call_dropped_mid_bundle_fails_cleanly_and_next_call_completes(
             assert reply.sealed_bundle == bench.peer.bundle
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(40)
+@pytest.mark.slow
 async def test_dropped_call_resumes_on_a_new_call(bench: Bench) -> None:
     async with modem_to(bench.peer, no_carrier_after=3000) as modem:
         up = bench.uplink([bench.dialup(modem)], order=("dialup",))
