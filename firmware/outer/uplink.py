@@ -271,6 +271,17 @@ class _Call:
     wall_started: float
 
 
+def _alive(call: _Call) -> bool:
+    """True while the call's session is up.
+
+    A session that went down (keepalive lost on a line that died without a
+    NO CARRIER) ends the call: central treats a restarted session as a new
+    peer that must authenticate again, and waiting for the session to come
+    back would hold requests for their whole timeout.
+    """
+    return call.link.connected and not call.link.failed
+
+
 class Uplink:
     """Requests to central over the configured transports; see the module docstring.
 
@@ -373,7 +384,7 @@ class Uplink:
 
     async def _ensure_call(self, deadline: float) -> _Call:
         call = self._call
-        if call is not None and not call.link.failed:
+        if call is not None and _alive(call):
             return call
         if call is not None:
             await self._end_call(call, "dropped")
@@ -504,7 +515,7 @@ class Uplink:
         while True:
             now = self._loop.time()
             call = self._call
-            if call is not None and call.link.failed:
+            if call is not None and not _alive(call):
                 await self._end_call(call, "dropped")
             elif call is not None and self.policy.should_hang_up(now):
                 await self._end_call(call, "idle")

@@ -99,6 +99,7 @@ class CentralPeer:
         self.refuse_auth = False
         self.reply_delay = 0.0
         self.line_baud = 115200  # the session's pacing on the modem side
+        self.muted = False  # True: the line goes silent both ways, the connection stays
         self.tls_port = 0
         self.plain_port = 0
         self._servers: list[asyncio.Server] = []
@@ -148,7 +149,7 @@ class CentralPeer:
         number = self.connections
         nonce = b""
         authenticated = False
-        link = Link(transport, SessionConfig(role=Role.SERVER, baud=baud))
+        link = Link(_Mutable(transport, self), SessionConfig(role=Role.SERVER, baud=baud))
 
         async def handler(msg: m.Message) -> m.Message:
             nonlocal nonce, authenticated
@@ -194,3 +195,25 @@ class CentralPeer:
             with contextlib.suppress(OptogateError):
                 await link.aclose()
             self._tasks.discard(task)
+
+
+class _Mutable:
+    """A transport that drops everything both ways while the peer is muted."""
+
+    def __init__(self, inner: StreamTransport, peer: CentralPeer) -> None:
+        self._inner = inner
+        self._peer = peer
+        self.name = inner.name
+
+    async def read(self) -> bytes:
+        while True:
+            data = await self._inner.read()
+            if not data or not self._peer.muted:
+                return data
+
+    async def write(self, data: bytes) -> None:
+        if not self._peer.muted:
+            await self._inner.write(data)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

@@ -258,6 +258,21 @@ async def test_calls_per_hour_cap_becomes_the_retry_hint(bench: Bench) -> None:
             assert bench.peer.connections == 1
 
 
+@pytest.mark.timeout(40)
+@pytest.mark.slow
+async def test_a_call_whose_line_dies_while_idle_is_ended_not_reused(bench: Bench) -> None:
+    async with modem_to(bench.peer) as modem:
+        up = bench.uplink([bench.dialup(modem)], order=("dialup",), idle_hangup=60.0)
+        async with running(up):
+            await up.request(m.Status(), m.StatusReport)
+            bench.peer.muted = True  # the line goes silent; no NO CARRIER comes
+            await until(lambda: up.counters["hangups_dropped"] == 1, 20)
+            assert up.policy.state is CallState.IDLE  # long before the idle hang-up
+            bench.peer.muted = False
+            await up.request(m.Status(), m.StatusReport)
+            assert bench.peer.connections == 2
+
+
 @pytest.mark.timeout(20)
 async def test_every_transport_down_fails_fast_then_backs_off(bench: Bench) -> None:
     up = bench.uplink(
