@@ -221,6 +221,11 @@ class Appliance:
         # The algorithm sandbox runs as an unprivileged user: it must be able
         # to reach the inner module's installed services below this directory.
         self.state_dir.chmod(0o755)
+        if os.geteuid() == 0 and not world_readable(self.state_dir):
+            raise DemoError(
+                f"{self.state_dir} is below a directory other users cannot enter: the inner"
+                " module's unprivileged algorithm workers could not read the services there"
+            )
         self.api_port = self.api_port or free_port(PREFERRED_API_PORT)
         self.worker_python = worker_python()
         self.command("keys", "init-central", "central-keys")
