@@ -142,9 +142,19 @@ async def serve_connection(
 
     async def watchdog() -> str:
         audited_rejects = 0
+        was_up = False
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = loop.time()
+            # A session that was up and is down means the gateway is gone (its
+            # call dropped, it hung up, it lost power).  End the connection
+            # rather than wait for the idle timeout: on an answering modem the
+            # line is then hung up and free for the next call, even where the
+            # port cannot see carrier loss (a pty has no DCD line).
+            if link.connected:
+                was_up = True
+            elif was_up:
+                return "session_down"
             # the Link answers a malformed message bad_message itself; audit them here
             rejected = link.statistics().get("link_rejected", 0)
             if rejected > audited_rejects:
