@@ -21,6 +21,9 @@ def notify(state: str) -> bool:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        # Never block the event loop: a receiver that stopped reading (a full
+        # queue) loses this datagram instead of freezing the daemon.
+        sock.setblocking(False)
         sock.sendto(state.encode(), address)
         return True
     return False

@@ -541,8 +541,13 @@ class DaemonProcess:
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.terminate()
-        async with asyncio.timeout(20):
-            return await self.proc.wait()
+        try:
+            async with asyncio.timeout(20):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise TimeoutError(f"daemon did not stop: {self.log()[-3000:]}") from None
 
     def log(self) -> str:
         return self.log_path.read_text()

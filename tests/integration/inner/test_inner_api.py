@@ -234,7 +234,7 @@ async def test_payment_required_then_pay_and_call_again(bed: Bed) -> None:
     assert err["licence"] == "L-1"
     assert err["renew"] == {"service": "algo", "customer": "acme"}
     assert err["valid_until"].endswith("Z")
-    assert bed.peer.counts["sync"] == syncs + 1  # it asked central before refusing
+    assert bed.peer.counts["sync"] >= syncs + 1  # it asked central before refusing
     # the customer pays: central extends the licence; the next call works at once
     bed.peer.grant("algo", bed.key, lic_id="L-1", valid_until=now + 3600)
     await asyncio.sleep(2.1)

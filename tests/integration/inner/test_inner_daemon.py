@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 
 import pytest
 from inner_testbed import (
@@ -20,6 +21,13 @@ from inner_testbed import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Return once ``cond()`` holds; raise TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not cond():  # noqa: ASYNC110 - polling a plain attribute
+            await asyncio.sleep(0.02)
 
 
 async def optogate(*args: str) -> tuple[int, str, str]:
@@ -55,9 +63,13 @@ async def test_notify_watchdog_status_and_clean_stop() -> None:
                 await daemon.start()
                 loop = asyncio.get_running_loop()
                 seen: list[str] = []
-                async with asyncio.timeout(10):
-                    while sum("WATCHDOG=1" in m for m in seen) < 2 or not seen:
+
+                async def drain() -> None:  # as systemd does: read every datagram
+                    while True:
                         seen.append((await loop.sock_recv(sock, 4096)).decode())
+
+                reader = asyncio.ensure_future(drain())
+                await until(lambda: sum("WATCHDOG=1" in m for m in seen) >= 2)
                 assert seen[0].startswith("READY=1")
                 await asyncio.sleep(1.5)  # the status file is rewritten every second
                 code, out, _ = await optogate("inner", "status", "--config", str(gw.config))
@@ -72,9 +84,8 @@ async def test_notify_watchdog_status_and_clean_stop() -> None:
                 assert doc["link"]["state"] == "up"
                 assert doc["usage"]["batches"] == 0
                 assert await daemon.terminate() == 0
-                async with asyncio.timeout(5):
-                    while "STOPPING=1" not in seen[-1]:
-                        seen.append((await loop.sock_recv(sock, 4096)).decode())
+                await until(lambda: any("STOPPING=1" in m for m in seen))
+                reader.cancel()
             finally:
                 await daemon.terminate()
                 await peer.stop()
@@ -105,3 +116,28 @@ async def test_bad_configuration_and_second_instance_are_refused() -> None:
             await peer.stop()
         code, _, err = await optogate("inner", "status", "--config", str(gw.config))
         assert code == 1  # the status file's writer is gone (stale after a few seconds)
+
+
+@pytest.mark.timeout(10)
+def test_notify_never_blocks_on_a_receiver_that_stopped_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from firmware.inner import sdnotify
+
+    sock_dir = tempfile.mkdtemp(prefix="og-notify-")
+    path = os.path.join(sock_dir, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        results = [sdnotify.notify("WATCHDOG=1") for _ in range(5000)]  # never read
+        assert results[0] is True
+        assert results[-1] is False  # the queue is full: dropped, not blocked
+    os.unlink(path)
+    os.rmdir(sock_dir)
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert sdnotify.notify("READY=1") is False  # not under systemd
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert sdnotify.watchdog_interval() == 2.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert sdnotify.watchdog_interval() is None
