@@ -721,9 +721,14 @@ def main(argv: list[str], prog: str) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)
     view = show.LiveView()
+    # A temporary state is removed at the end unless something went wrong:
+    # then its logs are what tells why, and the path is printed.
+    temporary = args.state is None
+    state: Path = args.state or Path(tempfile.mkdtemp(prefix="optogate-demo-"))
+    status = 1
     try:
         with appliance(
-            args.state,
+            state,
             internet=args.internet,
             dial_delay=args.dial_delay,
             api_port=args.port,
@@ -743,17 +748,20 @@ def main(argv: list[str], prog: str) -> int:
         if deaths:
             names = ", ".join(f"{d.name} (status {d.exit_code})" for d in deaths)
             view.console.print(f"[bold red]died while the demo ran: {names}[/]")
-        return 0 if passed and not deaths else 1
+        status = 0 if passed and not deaths else 1
     except KeyboardInterrupt:
         view.console.print("interrupted: every process started was stopped")
-        return 1
     except (DemoError, LaunchError) as e:
         view.console.print(f"[bold red]{prog}: {e}[/]")
-        return 1
     finally:
         view.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if temporary and status == 0:
+            shutil.rmtree(state, ignore_errors=True)
+        elif temporary:
+            view.console.print(f"keys, configuration and logs kept in {state}")
+    return status
 
 
 def _interrupted(signum: int, frame: object) -> None:
