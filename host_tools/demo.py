@@ -99,6 +99,8 @@ EXPIRING_AFTER_S: Final = 20
 #: Exit statuses the daemons use when their own supply fails.
 OUTER_POWER_EXIT: Final = 3
 INNER_POWER_EXIT: Final = 75
+#: The link simulator's control socket, in the state directory.
+LINK_SOCKET: Final = "link.sock"
 #: Which link-simulator side powers which module.
 SIDE_OF: Final = {"outer": "a", "inner": "b"}
 #: Readiness deadlines: a daemon imports cryptography and aiohttp (seconds on
@@ -182,8 +184,8 @@ class Appliance:
 
     @property
     def control(self) -> str:
-        """The link simulator's control socket."""
-        return str(self.state_dir / "link.sock")
+        """The link simulator's control socket (``optogate demo --send`` finds it here)."""
+        return str(self.state_dir / LINK_SOCKET)
 
     # -- provisioning -------------------------------------------------------------------------
 
@@ -700,6 +702,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--tour", action="store_true", help="run the scripted walk-through and exit")
     p.add_argument("--port", type=int, default=0, help="LAN API port (default 8443 if free)")
     p.add_argument(
+        "--send",
+        metavar="JSON",
+        help="send one command to the link simulator of the demo running in --state and exit,"
+        ' e.g. \'{"cmd": "power", "side": "a", "on": false}\'',
+    )
+    p.add_argument(
         "--dial-delay",
         type=float,
         default=DEFAULT_DIAL_DELAY,
@@ -711,6 +719,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str], prog: str) -> int:
     """Run ``optogate demo``; return 0, 1 (a step failed, or the appliance did not start)."""
     args = build_parser(prog).parse_args(argv)
+    if args.send is not None:
+        return send(args.state, args.send, prog)
     if args.state is not None and args.state.exists() and any(args.state.iterdir()):
         print(f"{prog}: {args.state} is not empty", file=sys.stderr)
         return 2
@@ -762,6 +772,34 @@ def main(argv: list[str], prog: str) -> int:
         elif temporary:
             view.console.print(f"keys, configuration and logs kept in {state}")
     return status
+
+
+def send(state: Path | None, text: str, prog: str) -> int:
+    """Send one JSON command to a running demo's link simulator; print the reply.
+
+    Returns 0, 1 when the simulator refuses or cannot be reached, 2 on bad input.
+    """
+    if state is None:
+        print(
+            f"{prog}: --send needs --state DIR (the demo prints its state directory)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        command = json.loads(text)
+    except ValueError as e:
+        print(f"{prog}: --send wants a JSON object: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(command, dict):
+        print(f"{prog}: --send wants a JSON object", file=sys.stderr)
+        return 2
+    try:
+        reply = link_command(str(state / LINK_SOCKET), command)
+    except DemoError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0
 
 
 def _interrupted(signum: int, frame: object) -> None:

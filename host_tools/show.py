@@ -75,8 +75,8 @@ class LiveView:
             f"  curl --cacert {app.ca_file} -H 'Authorization: Bearer {app.api_key}'"
             f" {app.url}/v1/services",
             f"  optogate central --config {app.central_config} licence list",
-            f'  power cut: echo \'{{"cmd":"power","side":"a","on":false}}\''
-            f" | socat - UNIX-CONNECT:{app.control}",
+            f"  optogate demo --state {app.state_dir} --send"
+            """ '{"cmd": "power", "side": "a", "on": false}'   (outer module's power off)""",
         ]
         return Panel("\n".join(lines), title="optogate demo", expand=False)
 

@@ -132,6 +132,15 @@ def test_internet_path_and_a_death_is_reported() -> None:
         assert sup.processes["outer"].alive() and sup.processes["central"].alive()
 
 
+def _read_until(demo: subprocess.Popen[str], seen: list[str], marker: str) -> None:
+    assert demo.stdout is not None
+    for line in demo.stdout:
+        seen.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"the demo ended before printing {marker!r}: {''.join(seen)}")
+
+
 @pytest.mark.timeout(SHORT_BOUND_S)
 def test_the_command_prints_how_to_call_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     demo = subprocess.Popen(
@@ -173,9 +182,32 @@ def test_the_command_prints_how_to_call_it_and_stops_on_ctrl_c(tmp_path: Path) -
         assert call.returncode == 0, call.stdout + call.stderr
         assert json.loads(call.stdout)["ok"] is True
         assert b"<svg" in (tmp_path / "d.svg").read_bytes()
+        # The link simulator through the demo's own command: stats, then the
+        # outer module's power off (it powers off) and on (it boots again).
+        state = re.search(r"state\s+(\S+)", text)
+        assert state, text
+
+        def send(command: str) -> dict[str, object]:
+            done = subprocess.run(
+                [sys.executable, "-m", "host_tools.cli", "demo", "--state", state.group(1),
+                 "--send", command],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            reply = json.loads(done.stdout)
+            assert reply["ok"] is True
+            return dict(reply)
+
+        assert send('{"cmd": "stats"}')["stats"]
+        send('{"cmd": "power", "side": "a", "on": false}')
+        _read_until(demo, seen, "powered off")
+        send('{"cmd": "power", "side": "a", "on": true}')
+        _read_until(demo, seen, "running (restart 1)")
+        pids = sorted({int(p) for p in re.findall(r"pid (\d+)", "".join(seen))})
+        assert len(pids) == 5  # four first, and the outer module booted again
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=90)
-        assert demo.returncode == 0, text + rest
+        assert demo.returncode == 0, "".join(seen) + rest
         assert "stopping every process" in rest
         assert not any(_alive(pid) for pid in pids)
     finally:
