@@ -53,7 +53,14 @@ test-quick: $(STAMP)
 	$(PY) -m pytest -q -m unit
 
 # The emulated Raspberry Pi boot (slow; its own target, also run by CI).
+# Its own programs, installed the same way: mmdebstrap builds an arm64 Debian
+# root under qemu-user (which needs the kernel's binfmt_misc; without it the
+# test skips and says so), qemu-system boots the images.
+BOOT_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test \
+	qemu-aarch64-static:qemu-user-static qemu-system-aarch64:qemu-system-arm
+
 test-boot: $(STAMP) sysdeps
+	@$(MAKE) --no-print-directory sysdeps SYS_TOOLS="$(BOOT_TOOLS)"
 	$(PY) -m pytest -q -p no:cacheprovider -m boot tests || test $$? -eq 5
 
 # MicroPython's WebAssembly port, so the isolator's tests run its filter core
