@@ -259,9 +259,9 @@ class _Worker:
     async def send(self, head: bytes, data: bytes = b"") -> None:
         """Send one frame; raise _WorkerGone if the worker is gone."""
         try:
-            self._writer.write(head)
-            if data:
-                self._writer.write(data)
+            # One write per frame: the transport sends at once when its buffer
+            # is empty, so two writes would cost two system calls.
+            self._writer.write(head + data if data else head)
             await self._writer.drain()
         except (ConnectionError, OSError) as e:
             raise _WorkerGone(str(e)) from e
