@@ -1,9 +1,11 @@
 """The application for the target: aarch64 wheels, cross-installed with pip's platform options.
 
-``optogate image wheelhouse --python 3.11 --out DIR`` fills a wheelhouse: the
-project's own wheel (pure Python, built from this checkout) and every
-dependency as a binary wheel for ``manylinux*_aarch64`` and the image's
-CPython (3.11 on Bookworm, 3.13 on Trixie), downloaded by pip.  The default
+``optogate image wheelhouse --python 3.11 --out DIR`` fills a wheelhouse with
+every dependency as a binary wheel for ``manylinux*_aarch64`` and the image's
+CPython (3.11 on Bookworm, 3.13 on Trixie), downloaded by pip.  The project's
+own wheel is not kept there: :func:`install_app` builds it from the checkout
+on every build (pure Python, seconds), so an image never carries code older
+than the tree it was built from.  The default
 location, ``.cache/wheelhouse/cp311-aarch64`` in the checkout, is ignored by
 git.  RPi.GPIO is not in it: the OS's own package provides it (the virtual
 environment sees the system site-packages).
@@ -70,19 +72,26 @@ def _pip(args: list[str]) -> None:
         raise ToolFailed("pip failed: " + " | ".join(tail))
 
 
+def _project_wheel(dest: Path) -> Path:
+    """Build the project's wheel from the checkout into ``dest``; return it. Raise ToolFailed."""
+    _pip(["wheel", "--no-deps", "-q", "-w", str(dest), str(PROJECT_ROOT)])
+    built = sorted(dest.glob("optogate-*.whl"))
+    if not built:
+        raise ToolFailed("pip built no optogate wheel")
+    return built[-1]
+
+
 def make_wheelhouse(dest: Path, python: str) -> list[str]:
-    """Fill ``dest`` with the project wheel and its aarch64 dependencies; return the file names.
+    """Fill ``dest`` with the project's aarch64 dependencies; return the file names.
 
     Raises ToolFailed when pip cannot build or download them (no network).
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("optogate-*.whl"):
-        old.unlink()
-    _pip(["wheel", "--no-deps", "-q", "-w", str(dest), str(PROJECT_ROOT)])
-    project = sorted(dest.glob("optogate-*.whl"))
-    if not project:
-        raise ToolFailed("pip built no optogate wheel")
-    _pip(["download", "-q", "-d", str(dest), *_platform_args(python), str(project[-1])])
+    with tempfile.TemporaryDirectory(prefix="optogate-wheel-") as tmp:
+        project = _project_wheel(Path(tmp))
+        _pip(["download", "-q", "-d", str(dest), *_platform_args(python), str(project)])
+    for own in dest.glob("optogate-*.whl"):
+        own.unlink()
     return sorted(p.name for p in dest.glob("*.whl"))
 
 
@@ -92,12 +101,13 @@ def install_app(wheelhouse: Path, python: str) -> AppTree:
     Raises ImageInputError when the wheelhouse is missing, ToolFailed when pip
     cannot install from it (a wheel for another Python, a missing dependency).
     """
-    if not any(wheelhouse.glob("optogate-*.whl")):
+    if not any(wheelhouse.glob("*.whl")):
         raise ImageInputError(
-            f"no optogate wheel in {wheelhouse}: run `optogate image wheelhouse --python {python}`"
+            f"no wheels in {wheelhouse}: run `optogate image wheelhouse --python {python}`"
         )
     with tempfile.TemporaryDirectory(prefix="optogate-app-") as tmp:
         target = Path(tmp) / "site-packages"
+        project = _project_wheel(Path(tmp) / "wheel")
         _pip(
             [
                 "install",
@@ -110,7 +120,7 @@ def install_app(wheelhouse: Path, python: str) -> AppTree:
                 "--no-compile",
                 "--no-warn-script-location",
                 *_platform_args(python),
-                "optogate",
+                str(project),
             ]
         )
         files: dict[str, tuple[bytes, int]] = {}
