@@ -16,6 +16,7 @@ STAMP  := $(VENV)/.installed-stamp
 # tests read as drawings made by a real CAD program).
 SYS_TOOLS := node:nodejs npm:npm clang:clang wasm-ld:lld \
 	/usr/share/librecad/library:librecad-data \
+	/usr/lib/python3/dist-packages/cryptography:python3-cryptography \
 	sfdisk:fdisk mcopy:mtools debugfs:e2fsprogs mkfs.fat:dosfstools
 
 .PHONY: demo test test-quick test-boot lint sysdeps bench clean wasm
