@@ -30,6 +30,7 @@ import importlib.metadata
 import lzma
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,10 +134,7 @@ def _read_keys(request: BuildRequest) -> tuple[str, GatewayKeys]:
 
 def _check_config(role: str, site: Site) -> None:
     """Check the generated TOML with the daemon's own loader; raise ImageInputError."""
-    doc = config_tables(role, site)
-    import tomllib
-
-    parsed = tomllib.loads(toml_document(doc))
+    parsed = tomllib.loads(toml_document(config_tables(role, site)))
     try:
         if role == "outer":
             from firmware.outer.config import parse_config as parse_outer
