@@ -14,11 +14,13 @@ What the plan holds, per role (``R`` is ``outer`` or ``inner``):
     that loader before anything is written.
 ``/etc/optogate/keys/R/``
     Exactly the files ``optogate keys gateway`` wrote under ``R/``: private
-    keys mode 0600, the directory 0700, all owned by the service user.  The
+    keys mode 0600, the directory 0700, all owned by the daemon's user.  The
     outer module gets only ``outer/``; the gateway CA (``ca/``) goes nowhere.
 ``/etc/systemd/system/``
-    ``optogate-R.service`` (``Type=notify``, watchdog, restart always, the
-    service user with ``dialout`` and ``gpio``), ``optogate-firstboot.service``
+    ``optogate-R.service`` (``Type=notify``, watchdog, restart always; the
+    outer daemon as the service user with ``dialout`` and ``gpio``, the inner
+    one as root like its own unit, see :data:`DAEMON_USER`),
+    ``optogate-firstboot.service``
     and, on the inner module, ``optogate-firewall.service``; each enabled by
     its ``.wants`` link, as ``systemctl enable`` would make it.  ``hciuart`` is
     masked (a link to ``/dev/null``): with ``disable-bt`` the UART it would
@@ -53,7 +55,8 @@ ROLES: Final = ("outer", "inner")
 
 #: Where the application's virtual environment lives on the module.
 APP_ROOT: Final = "/opt/optogate"
-VENV: Final = f"{APP_ROOT}/venv"
+#: The path firmware/inner/optogate-inner.service names.
+VENV: Final = f"{APP_ROOT}/.venv"
 CONFIG_DIR: Final = "/etc/optogate"
 UNIT_DIR: Final = "/etc/systemd/system"
 FIRSTBOOT_SCRIPT: Final = "/usr/local/lib/optogate/firstboot"
@@ -66,6 +69,14 @@ WATCHDOG_SEC: Final = 30
 #: Restart after this pause, forever (StartLimitIntervalSec=0): a daemon that
 #: exits because its supply dipped or its peer rebooted must come back alone.
 RESTART_SEC: Final = 5
+#: Who each daemon runs as.  The outer module: the unprivileged service user
+#: (dialout for the UART and the modem, gpio for the power lines).  The inner
+#: module: root, as its own unit (firmware/inner/optogate-inner.service)
+#: requires, because it drops every algorithm worker to a user and a network
+#: namespace of its own, which only root can do; its keys are root's.
+DAEMON_USER: Final = {"outer": SERVICE_USER, "inner": "root"}
+#: The state directory's mode: the inner module's workers must traverse it.
+STATE_MODE: Final = {"outer": 0o700, "inner": 0o711}
 #: First start may byte-compile the application on a Pi 3: give it time.
 FIRSTBOOT_TIMEOUT_SEC: Final = 600
 
@@ -237,22 +248,28 @@ def config_tables(role: str, site: Site) -> dict[str, dict[str, object]]:
 def unit_daemon(role: str, *, firewall: bool) -> str:
     """Return the systemd unit of the ``role`` daemon."""
     after = "optogate-firstboot.service" + (" optogate-firewall.service" if firewall else "")
-    what = "outer module (uplink to central)" if role == "outer" else "inner module (LAN API)"
+    user = DAEMON_USER[role]
+    if role == "outer":
+        what = "outer module (uplink to central)"
+        account = f"User={user}\nGroup={user}\nSupplementaryGroups=dialout gpio\n"
+        network = ""
+    else:
+        what = "inner module (LAN API, licences, service builder)"
+        account = "# root: it drops each algorithm worker to its own user and network namespace\n"
+        account += f"User={user}\n"
+        network = "Wants=network-online.target\nAfter=network-online.target\n"
     return f"""[Unit]
 Description=optogate {what}
 Requires={after}
 After={after}
-StartLimitIntervalSec=0
+{network}StartLimitIntervalSec=0
 
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={VENV}/bin/python3 -m host_tools.cli {role} run --config {CONFIG_DIR}/{role}.toml
-User={SERVICE_USER}
-Group={SERVICE_USER}
-SupplementaryGroups=dialout gpio
-StateDirectory=optogate/{role}
-StateDirectoryMode=0700
+ExecStart={VENV}/bin/optogate {role} run --config {CONFIG_DIR}/{role}.toml
+{account}StateDirectory=optogate/{role}
+StateDirectoryMode=0{STATE_MODE[role]:o}
 WatchdogSec={WATCHDOG_SEC}
 Restart=always
 RestartSec={RESTART_SEC}
@@ -339,6 +356,7 @@ SUBSYSTEM=="tty", KERNEL=="ttyACM[0-9]*|ttyUSB[0-9]*", ENV{ID_MM_DEVICE_IGNORE}=
 def firstboot_script(role: str, python: str) -> str:
     """Return the first-boot shell script: offline, idempotent, safe to re-run."""
     config = f"{CONFIG_DIR}/{role}.toml"
+    user = DAEMON_USER[role]
     module = "firmware.outer.config" if role == "outer" else "firmware.inner.config"
     return f"""#!/bin/sh
 # optogate first boot ({role} module).  Runs once before the daemon (the unit
@@ -354,10 +372,10 @@ if [ -x "$py" ]; then
     "$py" -c 'import sys; from {module} import load_config; load_config(sys.argv[1])' {config}
 fi
 # 3. Key files: owner and modes exactly as the image builder wrote them.
-chown -R {SERVICE_USER}:{SERVICE_USER} {CONFIG_DIR}/keys
+chown -R {user}:{user} {CONFIG_DIR}/keys
 find {CONFIG_DIR}/keys -type d -exec chmod 0700 {{}} +
 find {CONFIG_DIR}/keys -type f -name '*.key' -exec chmod 0600 {{}} +
-install -d -o {SERVICE_USER} -g {SERVICE_USER} -m 0700 /var/lib/optogate/{role}
+install -d -o {user} -g {user} -m 0{STATE_MODE[role]:o} /var/lib/optogate/{role}
 # 4. Done: the unit's condition skips it from now on.
 printf '%s\\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > {FIRSTBOOT_DONE}.tmp
 mv {FIRSTBOOT_DONE}.tmp {FIRSTBOOT_DONE}
@@ -430,14 +448,14 @@ def root_plan(
     """
     role = keys.role
     tables = config_tables(role, site)
-    uid, gid = account.uid, account.gid
+    uid, gid = (account.uid, account.gid) if role == "outer" else (0, 0)
     key_dir = f"{CONFIG_DIR}/keys/{role}"
     dirs: list[Dir] = [
         Dir(CONFIG_DIR, DIR_MODE),
         Dir(f"{CONFIG_DIR}/keys", SECRET_DIR_MODE, uid, gid),
         Dir(key_dir, SECRET_DIR_MODE, uid, gid),
         Dir("/var/lib/optogate", DIR_MODE),
-        Dir(f"/var/lib/optogate/{role}", SECRET_DIR_MODE, uid, gid),
+        Dir(f"/var/lib/optogate/{role}", STATE_MODE[role], uid, gid),
         Dir("/usr/local/lib/optogate", DIR_MODE),
         Dir(UNIT_DIR, DIR_MODE),
         Dir(f"{UNIT_DIR}/multi-user.target.wants", DIR_MODE),

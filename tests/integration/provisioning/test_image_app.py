@@ -75,7 +75,7 @@ def test_application_installed_for_aarch64(wheelhouse: Path, gateway: Path, tmp_
         "--grow",
     ]
     assert image_main(args, "optogate image") == 0
-    site = "/opt/optogate/venv/lib/python3.11/site-packages"
+    site = "/opt/optogate/.venv/lib/python3.11/site-packages"
     assert (
         root_file(out, f"{site}/host_tools/cli.py")
         == (PROJECT_ROOT / "host_tools" / "cli.py").read_bytes()
@@ -92,10 +92,12 @@ def test_application_installed_for_aarch64(wheelhouse: Path, gateway: Path, tmp_
     assert elf[:4] == b"\x7fELF"
     assert int.from_bytes(elf[18:20], "little") == EM_AARCH64
     assert "RPi" not in root_listing(out, site)  # the OS's package provides it
-    venv = root_listing(out, "/opt/optogate/venv/bin")
+    venv = root_listing(out, "/opt/optogate/.venv/bin")
     assert venv["python3"][0] == 0o120777
     assert venv["optogate"][0] == 0o100755
-    assert b"include-system-site-packages = true" in root_file(out, "/opt/optogate/venv/pyvenv.cfg")
+    assert b"include-system-site-packages = true" in root_file(
+        out, "/opt/optogate/.venv/pyvenv.cfg"
+    )
     fsck = sh("e2fsck", "-fn", f"{out}?offset={layout(out)['root']}")
     assert fsck.returncode == 0, fsck.stdout
 

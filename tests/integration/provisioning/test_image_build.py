@@ -190,7 +190,7 @@ def test_outer_bookworm_image(env: Env, outdir: Path) -> None:
         mode, uid, gid = root_listing(out, parent)[name]
         assert (mode & 0o7777, uid, gid) == (int(e["mode"], 8), e["uid"], e["gid"]), e["path"]
     keys = root_listing(out, "/etc/optogate/keys/outer")
-    assert keys["signing.key"][0] == 0o100600
+    assert keys["signing.key"] == (0o100600, 999, 999)  # the outer daemon's user
     assert set(keys) == {p.name for p in (env.gateways["gw-a"] / "outer").iterdir()}
     assert root_listing(out, "/etc/optogate/keys")["outer"][0] == 0o040700
     for e in entries:
@@ -268,6 +268,7 @@ def test_inner_trixie_image(env: Env, outdir: Path) -> None:
         "tls.key",
     }
     assert root_listing(out, "/etc/optogate/keys").keys() == {"inner"}
+    assert {(uid, gid) for _, uid, gid in keys.values()} == {(0, 0)}  # the inner daemon is root
     rules = root_file(out, "/etc/optogate/inner-firewall.nft").decode()
     assert "tcp dport 9443 accept" in rules
     sysinit = root_listing(out, "/etc/systemd/system/sysinit.target.wants")

@@ -86,16 +86,17 @@ def test_outer_needs_a_way_to_central() -> None:
         config_tables("middle", SITE)
 
 
-def test_keys_private_0600_owned_by_the_service_user() -> None:
-    for role, names in (("outer", OUTER_KEYS), ("inner", INNER_KEYS)):
+def test_keys_private_0600_owned_by_the_daemons_user() -> None:
+    # the outer daemon runs as the service user, the inner one as root
+    for role, names, owner in (("outer", OUTER_KEYS, (999, 998)), ("inner", INNER_KEYS, (0, 0))):
         p = plan(role)
         keyfiles = {f.path: f for f in p.files if f.path.startswith("/etc/optogate/keys/")}
         assert {path.rsplit("/", 1)[1] for path in keyfiles} == set(names)
         for path, f in keyfiles.items():
-            assert (f.uid, f.gid) == (999, 998)
+            assert (f.uid, f.gid) == owner
             assert f.mode == (0o600 if path.endswith(".key") else 0o644)
         key_dir = next(d for d in p.dirs if d.path == f"/etc/optogate/keys/{role}")
-        assert (key_dir.mode, key_dir.uid) == (0o700, 999)
+        assert (key_dir.mode, key_dir.uid, key_dir.gid) == (0o700, *owner)
 
 
 def test_outer_plan_never_holds_inner_keys() -> None:
@@ -107,15 +108,19 @@ def test_daemon_unit_and_links() -> None:
     for role in ("outer", "inner"):
         p = plan(role)
         unit = files(p)[f"/etc/systemd/system/optogate-{role}.service"].decode()
+        lines = unit.splitlines()
         for line in (
             "Type=notify",
             "WatchdogSec=30",
             "Restart=always",
-            "User=optogate",
-            "SupplementaryGroups=dialout gpio",
+            f"ExecStart=/opt/optogate/.venv/bin/optogate {role} run "
             f"--config /etc/optogate/{role}.toml",
         ):
-            assert line in unit
+            assert line in lines
+        if role == "outer":
+            assert {"User=optogate", "SupplementaryGroups=dialout gpio"} <= set(lines)
+        else:
+            assert "User=root" in lines
         links = {link.path: link.target for link in p.links}
         wants = f"/etc/systemd/system/multi-user.target.wants/optogate-{role}.service"
         assert links[wants] == f"/etc/systemd/system/optogate-{role}.service"
@@ -158,14 +163,14 @@ def test_hostname_names_gateway_and_role() -> None:
 def test_app_tree_becomes_a_venv_over_the_os_python() -> None:
     app = AppTree("3.13", {"host_tools/cli.py": (b"x", 0o644), "pkg/lib.so": (b"\x7fELF", 0o755)})
     p = plan("outer", app=app)
-    site = "/opt/optogate/venv/lib/python3.13/site-packages"
+    site = "/opt/optogate/.venv/lib/python3.13/site-packages"
     assert files(p)[f"{site}/host_tools/cli.py"] == b"x"
-    assert b"include-system-site-packages = true" in files(p)["/opt/optogate/venv/pyvenv.cfg"]
-    assert {link.path: link.target for link in p.links}["/opt/optogate/venv/bin/python3"] == (
+    assert b"include-system-site-packages = true" in files(p)["/opt/optogate/.venv/pyvenv.cfg"]
+    assert {link.path: link.target for link in p.links}["/opt/optogate/.venv/bin/python3"] == (
         "/usr/bin/python3.13"
     )
     dirs = [d.path for d in p.dirs]
-    for d in ("/opt/optogate/venv/lib", "/opt/optogate/venv/lib/python3.13", site, f"{site}/pkg"):
+    for d in ("/opt/optogate/.venv/lib", "/opt/optogate/.venv/lib/python3.13", site, f"{site}/pkg"):
         assert d in dirs
     assert p.replace_trees == ("/opt/optogate",)
     assert "python3.13/site-packages" in files(p)["/usr/local/lib/optogate/firstboot"].decode()
