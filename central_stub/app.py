@@ -33,6 +33,7 @@ from central_stub.config import CentralConfig, Listen
 from central_stub.gateway import CentralService, Event
 from central_stub.repository import DB_NAME, TinyRepository
 from central_stub.server import CentralServer, tls_server_context
+from firmware.common import sdnotify
 from firmware.common.crypto.keys import SigningKey
 from firmware.common.crypto.tls import (
     PemPair,
@@ -43,7 +44,6 @@ from firmware.common.crypto.tls import (
 from firmware.common.errors import ConfigError, OptogateError
 from firmware.common.store.atomic import PRIVATE_MODE, atomic_write
 from firmware.common.store.tinystore import Store
-from firmware.outer import sdnotify
 
 #: How often the running server refreshes status.json.
 STATUS_INTERVAL: Final = 5.0

@@ -44,6 +44,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from firmware.common import sdnotify
 from firmware.common.adapters.serial import open_serial
 from firmware.common.adapters.tcp import connect_tcp
 from firmware.common.adapters.transport import Transport
@@ -62,7 +63,6 @@ from firmware.common.power.monitor import (
 )
 from firmware.common.power.watcher import PowerWatcher
 from firmware.common.store.lock import OwnerLock
-from firmware.inner import sdnotify
 from firmware.inner.api import InnerApi
 from firmware.inner.builder import ServiceBuilder
 from firmware.inner.config import InnerConfig

@@ -42,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from firmware.common import sdnotify
 from firmware.common.adapters.serial import open_serial
 from firmware.common.adapters.tcp import StreamTransport, serve_tcp
 from firmware.common.errors import LinkDown, OptogateError
@@ -60,7 +61,6 @@ from firmware.common.power.monitor import (
 from firmware.common.power.watcher import LedDriver, PowerWatcher
 from firmware.common.store.atomic import atomic_write
 from firmware.common.store.lock import OwnerLock
-from firmware.outer import sdnotify
 from firmware.outer.cache import SealedCache
 from firmware.outer.config import OuterConfig
 from firmware.outer.policy import CallState

@@ -122,7 +122,7 @@ async def test_bad_configuration_and_second_instance_are_refused() -> None:
 def test_notify_never_blocks_on_a_receiver_that_stopped_reading(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from firmware.inner import sdnotify
+    from firmware.common import sdnotify
 
     sock_dir = tempfile.mkdtemp(prefix="og-notify-")
     path = os.path.join(sock_dir, "notify")
