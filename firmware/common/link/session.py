@@ -132,6 +132,10 @@ TIMER_MARGIN: Final = 0.02
 #: milliseconds on a busy 2-core machine).  A control message queued now
 #: waits at most this long plus one frame.
 PACING_SLACK: Final = 0.06
+#: ... but never more than this many frames: frames queued in the driver count
+#: against the 17-frame window, and small fragments on a fast line (500 bytes
+#: at 921600 baud is 6 ms) would otherwise leave too few for loss recovery.
+PACING_SLACK_FRAMES: Final = 2
 #: Floor of the retransmission timeout on a line with no configured rate (TCP).
 STREAM_RTO_FLOOR: Final = 0.2
 #: Cap on exponential backoff of one frame's retransmission timer on a stream
@@ -637,8 +641,9 @@ class Session:
         return 0.0 if self._byte_rate is None else nbytes / self._byte_rate
 
     def _lookahead(self) -> float:
-        """How far ahead of the line we hand out bytes: about one frame."""
-        return self._wire_time(self._payload_size() + FRAME_OVERHEAD) + PACING_SLACK
+        """How far ahead of the line we hand out bytes: one frame plus slack."""
+        frame = self._wire_time(self._payload_size() + FRAME_OVERHEAD)
+        return frame + min(PACING_SLACK, PACING_SLACK_FRAMES * frame)
 
     def _line_has_room(self, now: float) -> bool:
         return self._byte_rate is None or self._tx_free_at < now + self._lookahead()
