@@ -39,21 +39,27 @@ advertised window.
 
 **Timers from the line rate.**  When the line has a configured baud rate the
 session models the UART: ``tx_free_at`` is when the last byte handed out will
-have left the wire (8N1: baud/10 bytes/s).  It hands out only about one frame
+have left the wire (8N1: baud/10 bytes/s).  It hands out only one frame plus
+a little slack (``PACING_SLACK``, at most ``PACING_SLACK_FRAMES`` frames)
 ahead of the line, so the OS buffers stay small and a control message never
 queues behind seconds of bulk data; each frame's retransmission timer starts
 when it *leaves the wire*, not when it was handed out.  The timeout is the
 smoothed residual round trip (RFC 6298 on those departure-based samples)
-with a floor of two maximum frame times (the peer's ack may wait behind one
-frame of its own) plus a small margin.  A frame is retransmitted early (fast
+with a floor of two maximum frame times plus the peer's slack (our ack may
+wait behind what the peer has queued) and a small margin.  Timers do not
+back off on a serial line (loss there is noise, not congestion); on a stream
+without a line rate they do.  A frame is retransmitted early (fast
 retransmit) when a frame sent *after* its last transmission has been
 acknowledged: the line does not reorder, so the earlier one was lost.
 
 **Adaptive fragment size.**  The frame loss rate is tracked (EWMA); from it
 the session estimates the per-byte error rate q and picks the payload size L
 maximising L/(L+h)·(1-q)^(L+h) for per-frame overhead h: L ≈ (√(h²+4h/q)-h)/2.
-On a clean line that is the 4 KiB maximum; at a bit-error rate of 1e-5 it
-settles near 700 bytes.
+A fresh end starts at ``START_PAYLOAD`` and doubles its cap every
+``RAMP_FRAMES`` clean acks (fragments keep their size when retransmitted, so
+big ones cut before any loss was measured could stall a very noisy line).
+On a clean line the size reaches the 4 KiB maximum; at a bit-error rate of
+1e-5 it settles near 500 bytes.
 
 **Messages.**  A message (up to ``max_message`` bytes) is cut into DATA
 fragments with a fragment header (message id, total length) and FIRST/LAST
