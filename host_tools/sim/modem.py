@@ -282,7 +282,13 @@ class ModemEmulator:
         self._line = writer
         self._wake.set()
         self._line_task = asyncio.current_task()
-        await self._pump_line(reader, writer)
+        try:
+            await self._pump_line(reader, writer)
+        except asyncio.CancelledError:
+            # Hung up from the modem side (_close_line cancels this task): the
+            # call is over.  Ending the handler normally keeps asyncio's server
+            # from reporting a cancelled connection callback with a traceback.
+            writer.close()
 
     async def _pump_line(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
