@@ -104,6 +104,39 @@ def run(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess[bytes]:
     return proc
 
 
+APT_SOURCES = Path("/etc/apt")
+
+
+def host_debian_mirror(apt: Path = APT_SOURCES) -> str | None:
+    """Return the Debian mirror this host's apt already uses for its main suite.
+
+    Reads deb822 ``*.sources`` files and one-line ``sources.list`` entries and
+    returns the first URI that is not a security or updates archive, or None.
+    The root is built from the same mirror the host installs from, so the test
+    needs no address of its own.
+    """
+    candidates: list[str] = []
+    for path in sorted((apt / "sources.list.d").glob("*.sources")):
+        stanza_uris: list[str] = []
+        for raw in [*path.read_text(errors="replace").splitlines(), ""]:
+            line = raw.strip()
+            if not line:
+                candidates += stanza_uris
+                stanza_uris = []
+            elif line.lower().startswith("uris:"):
+                stanza_uris += line.split(":", 1)[1].split()
+    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]:
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line).split()
+                if len(words) >= 3 and words[0] == "deb":
+                    candidates.append(words[1])
+    for uri in candidates:
+        if uri.startswith(("http://", "https://")) and "security" not in uri:
+            return uri
+    return None
+
+
 def rootfs() -> Path:
     """Return the cached arm64 Debian root, building it with mmdebstrap on first use."""
     done = ROOTFS / ".optogate-complete"
@@ -117,7 +150,10 @@ def rootfs() -> Path:
         'chmod 755 "$1/usr/sbin/update-initramfs"'
     )
     argv = ["--architectures=arm64", "--variant=apt", "--mode=root", f"--include={PACKAGES}"]
-    argv += [f"--essential-hook={hook}", "bookworm", str(ROOTFS), "http://deb.debian.org/debian"]
+    mirror = host_debian_mirror()
+    if mirror is None:
+        pytest.skip("the host's apt has no Debian mirror configured to build the arm64 root from")
+    argv += [f"--essential-hook={hook}", "bookworm", str(ROOTFS), mirror]
     proc = subprocess.run(
         [_which("mmdebstrap") or "mmdebstrap", *argv],
         capture_output=True,
