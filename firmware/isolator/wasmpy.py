@@ -35,6 +35,21 @@ DEFAULT_TIMEOUT_S = 30.0
 _READ_CHUNK = 65536
 
 
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Close the process's input, wait for it (killing it after ``timeout``), close its pipes."""
+    if proc.stdin is not None and not proc.stdin.closed:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 class MicroPythonUnavailable(IsolatorError):
     """Node.js or the MicroPython WebAssembly package is not installed."""
 
@@ -126,18 +141,7 @@ class MicroPythonServer:
 
     def close(self) -> None:
         """End the interpreter (closing its input) and wait for the process."""
-        proc = self._proc
-        if proc.stdin is not None and not proc.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=self._timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _stop(self._proc, self._timeout)
 
     def __enter__(self) -> "MicroPythonServer":
         return self
@@ -210,18 +214,7 @@ class VirtualBoard:
 
     def close(self) -> None:
         """Stop the board (closing its input) and wait for the process."""
-        proc = self._proc
-        if proc.stdin is not None and not proc.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=DEFAULT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _stop(self._proc, DEFAULT_TIMEOUT_S)
 
     def __enter__(self) -> "VirtualBoard":
         return self
