@@ -32,6 +32,7 @@ class Kind(enum.IntEnum):
     SYNC_DATA = 0x42
     USAGE_ACK = 0x43
     STATUS_REPORT = 0x44
+    SERVICE_PART = 0x45  # a piece of the bundle of the SERVICE reply that follows
     AUTH_CHALLENGE = 0x50
     AUTH_OK = 0x51
     ERROR = 0x7F  # a typed error answering any request

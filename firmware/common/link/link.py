@@ -29,6 +29,17 @@ Everything else is bookkeeping on top of the session's events:
   reply in time raises :class:`LinkTimeout`; a reply that fails strict
   decoding or is of the wrong kind raises
   :class:`~firmware.common.link.messages.InvalidMessage`.
+* **Streamed replies.**  A ``Service`` reply (to ``FetchService``) may be
+  sent as its bundle in ``ServicePart`` replies followed by a ``Service``
+  that ends it (``streamed`` = the bundle's length).  The requesting link
+  joins the parts, which may arrive in any order and before or after the
+  end, and returns one ``Service`` with the whole bundle; ``on_part`` lets a
+  relay pass each part on as it arrives.  A handler may return an async
+  iterator of parts and then the final reply instead of one reply; a
+  ``Service`` reply with a bundle over one part is streamed by the link
+  itself.  At most ``PARTS_IN_FLIGHT`` parts of one reply are unacknowledged
+  at a time, so parts complete in order instead of sharing the line with
+  every other part of the same bundle.
 * **Serving.**  Incoming requests wait in a bounded queue until
   :meth:`Link.serve` runs a handler on them, several at once.  A reply is sent
   only into the session instance its request came from: after a restart the
@@ -54,10 +65,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, TypeVar, overload
 
@@ -100,11 +112,18 @@ MAX_QUEUED_BYTES: Final = 128 * 2**20
 BUSY_RETRY_AFTER: Final = 1.0
 #: Handlers running at once under :meth:`Link.serve` unless told otherwise.
 DEFAULT_CONCURRENCY: Final = 16
+#: Parts of one streamed reply queued and not yet acknowledged.  Two keep the
+#: line busy (one is on the wire while the other waits) and make parts
+#: complete in order, so a relay downstream can pass each on at once.
+PARTS_IN_FLIGHT: Final = 2
 #: Shortest sleep of the pump when the session reports a deadline already
 #: passed but had nothing to do (it waits for line room): bounds a spin.
 SPIN_GUARD: Final = 0.002
 
-Handler = Callable[[messages.Message], Awaitable[messages.Message | None]]
+#: A reply, a stream of parts ending with the reply, or None (no reply).
+HandlerResult = messages.Message | AsyncIterator[messages.Message] | None
+Handler = Callable[[messages.Message], Awaitable[HandlerResult]]
+PartListener = Callable[[messages.ServicePart], None]
 
 
 @dataclass(frozen=True)
@@ -123,19 +142,73 @@ _R = TypeVar("_R", bound=messages.Message)
 class _Exchange:
     """One request (or one-way message) of ours, until it is answered or fails."""
 
-    __slots__ = ("expect", "future", "generation", "kind", "msg_id", "one_way")
+    __slots__ = (
+        "expect",
+        "final",
+        "future",
+        "generation",
+        "kind",
+        "msg_id",
+        "on_part",
+        "one_way",
+        "part_bytes",
+        "part_kind",
+        "parts",
+    )
 
     def __init__(self, kind: Kind, future: asyncio.Future[messages.Message | None]) -> None:
         self.kind = kind
         self.expect = messages.REPLY_KIND.get(kind)
+        self.part_kind = messages.PART_KIND.get(kind)
         self.future = future
         self.one_way = False
         self.msg_id: int | None = None  # the session's id, once queued
         self.generation = -1  # session instance it was sent in
+        self.on_part: PartListener | None = None
+        self.parts: dict[int, bytes] = {}  # a streamed reply's parts, by offset
+        self.part_bytes = 0
+        self.final: messages.Service | None = None  # the end of a streamed reply
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+        self.parts.clear()
+
+    def add_part(self, part: messages.ServicePart) -> bool:
+        """Keep ``part``; return False for an exact repeat.  Raises InvalidMessage."""
+        end = part.offset + len(part.data)
+        limit = self.final.streamed if self.final is not None else messages.MAX_BUNDLE
+        if end > limit:
+            raise messages.InvalidMessage(f"part at {part.offset} ends beyond the bundle")
+        held = self.parts.get(part.offset)
+        if held is not None:
+            if held != part.data:
+                raise messages.InvalidMessage(f"two different parts at {part.offset}")
+            return False
+        self.part_bytes += len(part.data)
+        if self.part_bytes > messages.MAX_BUNDLE:
+            raise messages.InvalidMessage("parts add up to more than a bundle may hold")
+        self.parts[part.offset] = part.data
+        return True
+
+    def joined(self) -> messages.Service | None:
+        """Return the streamed reply once every byte has arrived, else None."""
+        final = self.final
+        if final is None:
+            return None
+        pieces: list[bytes] = []
+        pos = 0
+        for offset in sorted(self.parts):
+            data = self.parts[offset]
+            if offset > pos:
+                return None  # a gap: a part is still on its way
+            if offset + len(data) > pos:
+                pieces.append(data[pos - offset :])
+                pos = offset + len(data)
+        if pos < final.streamed:
+            return None
+        self.parts.clear()
+        return dataclasses.replace(final, sealed_bundle=b"".join(pieces), streamed=0)
 
 
 @dataclass(frozen=True)
@@ -176,6 +249,7 @@ class Link:
         self._incoming_ready = asyncio.Event()
         self._exchanges: dict[int, _Exchange] = {}  # by correlation id
         self._by_msg_id: dict[int, _Exchange] = {}  # by session message id
+        self._sent_waiters: dict[int, asyncio.Future[None]] = {}  # reply parts, by msg id
         self._next_corr = self._rng.getrandbits(32)
         self._stats: dict[str, int] = {}
         self._failure: BaseException | None = None
@@ -242,6 +316,7 @@ class Link:
         *,
         timeout: float = ...,  # noqa: ASYNC109
         expect: type[_R],
+        on_part: PartListener | None = ...,
     ) -> _R: ...
 
     @overload
@@ -250,6 +325,7 @@ class Link:
         msg: messages.Message,
         *,
         timeout: float = ...,  # noqa: ASYNC109
+        on_part: PartListener | None = ...,
     ) -> messages.Message: ...
 
     async def request(
@@ -258,8 +334,14 @@ class Link:
         *,
         timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - one bound per exchange
         expect: type[messages.Message] = messages.Message,
+        on_part: PartListener | None = None,
     ) -> messages.Message:
         """Send request ``msg`` and return the peer's reply.
+
+        A streamed reply is returned joined (see the module docstring);
+        ``on_part(part)`` is called with each new part as it arrives, inside
+        the link's driving loop: it must not block, and if it raises, the
+        exchange fails with that error.
 
         ``timeout`` bounds the whole exchange, waiting for the session to come
         up included.  Raises RemoteError when the reply is an Error, LinkDown
@@ -269,7 +351,7 @@ class Link:
         an ``expect``, LinkClosed once closed, LocalProtocolError when ``msg``
         is a reply or a kind this role may not send.
         """
-        reply = await self._exchange(msg, timeout, one_way=False)
+        reply = await self._exchange(msg, timeout, one_way=False, on_part=on_part)
         if isinstance(reply, messages.Error):
             raise RemoteError(reply.code, reply.detail, reply.retry_after)
         if not isinstance(reply, expect):
@@ -294,7 +376,9 @@ class Link:
         """Answer incoming requests with ``handler`` until the link is closed.
 
         ``handler(msg)`` returns the reply (or None for a message that gets no
-        reply); it runs for up to ``concurrency`` requests at once.  A handler
+        reply), or an async iterator of reply parts ending with the reply (see
+        the module docstring); it runs for up to ``concurrency`` requests at
+        once.  A handler
         raising RemoteError answers with that error; any other optogate error
         answers ``internal_error`` and is logged.  Returns None once the link
         is closed.  Raises the link's failure when a background task fails, and
@@ -363,6 +447,7 @@ class Link:
             closed = LinkClosed("link closed")
             for ex in list(self._exchanges.values()):
                 ex.fail(closed)
+            self._fail_waiters(closed)
             self._up.set()
             self._incoming_ready.set()
             await self._transport.aclose()
@@ -398,7 +483,12 @@ class Link:
         return kind in REPLY_RANGE
 
     async def _exchange(
-        self, msg: messages.Message, limit: float, *, one_way: bool
+        self,
+        msg: messages.Message,
+        limit: float,
+        *,
+        one_way: bool,
+        on_part: PartListener | None = None,
     ) -> messages.Message | None:
         self._check()
         if msg.IS_REPLY:
@@ -409,6 +499,7 @@ class Link:
         payload = messages.encode(msg, corr)
         ex = _Exchange(msg.KIND, self._loop.create_future())
         ex.one_way = one_way
+        ex.on_part = on_part
         self._exchanges[corr] = ex
         self._count("requests" if not one_way else "one_way")
         try:
@@ -447,9 +538,19 @@ class Link:
     async def _handle(self, handler: Handler, item: _Incoming) -> None:
         reply: messages.Message | None
         try:
-            reply = await handler(item.msg)
+            result = await handler(item.msg)
+            if result is None or isinstance(result, messages.Message):
+                reply = result
+            else:
+                reply = await self._send_parts(item, result)
             if reply is not None:
                 self._check_reply(item.msg, reply)
+                if (
+                    isinstance(reply, messages.Service)
+                    and len(reply.sealed_bundle) > messages.PART_SIZE
+                    and item.msg.KIND in messages.PART_KIND
+                ):
+                    reply = await self._send_parts(item, _each(messages.split_service(reply)))
         except RemoteError as e:
             reply = _error_reply(e.code, e.detail, e.retry_after)
         except (LocalProtocolError, OptogateError) as e:
@@ -466,6 +567,38 @@ class Link:
         if reply is not None:
             self._reply(reply, item.corr_id, item.generation)
 
+    async def _send_parts(
+        self, item: _Incoming, stream: AsyncIterator[messages.Message]
+    ) -> messages.Message | None:
+        """Send the parts ``stream`` yields; return what ends it (None: the session ended)."""
+        part_kind = messages.PART_KIND.get(item.msg.KIND)
+        in_flight: deque[tuple[int, asyncio.Future[None]]] = deque()
+        try:
+            async for reply in stream:
+                if part_kind is None or reply.KIND is not part_kind:
+                    return reply
+                while len(in_flight) >= PARTS_IN_FLIGHT:
+                    await in_flight.popleft()[1]
+                queued = self._reply(reply, item.corr_id, item.generation, track=True)
+                if queued is None:
+                    self._count("streams_abandoned")
+                    return None
+                in_flight.append(queued)
+            raise LocalProtocolError(f"the reply stream to {item.msg.KIND.name} has no end")
+        except LinkError:
+            self._count("streams_abandoned")  # the peer has forgotten the request
+            return None
+        finally:
+            for msg_id, fut in in_flight:
+                self._sent_waiters.pop(msg_id, None)
+                if fut.done():
+                    fut.exception()  # seen: the stream already ended
+                else:
+                    fut.cancel()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
     def _crash(self, error: BaseException) -> None:
         logger.error("request handler raised %r", error)
         if self._handler_crash is None:
@@ -479,16 +612,24 @@ class Link:
         if not isinstance(reply, messages.Error) and reply.KIND is not expected:
             raise LocalProtocolError(f"handler answered {request.KIND.name} with {reply.KIND.name}")
 
-    def _reply(self, reply: messages.Message, reply_to: int, generation: int) -> None:
+    def _reply(
+        self, reply: messages.Message, reply_to: int, generation: int, *, track: bool = False
+    ) -> tuple[int, asyncio.Future[None]] | None:
+        """Queue ``reply``; with ``track``, return its message id and a future set on delivery."""
         if not self._may_send(reply.KIND):
             self._count("replies_suppressed")  # e.g. an Error from the client role
-            return
+            return None
         if generation != self._generation or not self._session.connected:
             self._count("replies_dropped")  # the peer has forgotten the request
-            return
+            return None
         payload = messages.encode(reply, self._new_corr(), reply_to)
-        self._queue(reply.KIND, payload)
+        msg_id = self._queue(reply.KIND, payload)
         self._count("replies")
+        if not track:
+            return None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._sent_waiters[msg_id] = fut
+        return msg_id, fut
 
     # -- session events --------------------------------------------------------------
 
@@ -500,10 +641,16 @@ class Link:
                 ex = self._by_msg_id.pop(event.msg_id, None)
                 if ex is not None and ex.one_way and not ex.future.done():
                     ex.future.set_result(None)
+                waiter = self._sent_waiters.pop(event.msg_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
             elif isinstance(event, MessageFailed):
                 ex = self._by_msg_id.pop(event.msg_id, None)
                 if ex is not None:
                     ex.fail(event.error)
+                waiter = self._sent_waiters.pop(event.msg_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(event.error)
             elif isinstance(event, SessionUp):
                 self._generation += 1
                 self._up.set()
@@ -585,7 +732,16 @@ class Link:
         if ex is None or ex.one_way or ex.future.done() or ex.generation != self._generation:
             self._count("late_replies")  # timed out, cancelled, or not ours
             return
-        if isinstance(msg, messages.Error) or msg.KIND is ex.expect:
+        if isinstance(msg, messages.ServicePart) and msg.KIND is ex.part_kind:
+            self._on_part(ex, msg)
+        elif isinstance(msg, messages.Service) and msg.KIND is ex.expect and msg.streamed:
+            ex.final = msg
+            try:
+                self._try_join(ex)
+            except messages.InvalidMessage as e:
+                ex.fail(e)
+        elif isinstance(msg, messages.Error) or msg.KIND is ex.expect:
+            ex.parts.clear()  # an inline reply replaces whatever was streamed
             ex.future.set_result(msg)
         else:
             ex.fail(
@@ -593,6 +749,25 @@ class Link:
                     f"{msg.KIND.name} does not answer {ex.kind.name}", reply_to=reply_to
                 )
             )
+
+    def _on_part(self, ex: _Exchange, part: messages.ServicePart) -> None:
+        try:
+            if not ex.add_part(part):
+                self._count("parts_repeated")
+                return
+            self._count("parts_received")
+            if ex.on_part is not None:
+                ex.on_part(part)
+            self._try_join(ex)
+        except Exception as e:  # a bad part, or the caller's listener failed
+            ex.fail(e)
+
+    def _try_join(self, ex: _Exchange) -> None:
+        if ex.final is not None and ex.part_bytes > ex.final.streamed:
+            raise messages.InvalidMessage("more part bytes than the streamed bundle holds")
+        whole = ex.joined()
+        if whole is not None and not ex.future.done():
+            ex.future.set_result(whole)
 
     # -- background tasks --------------------------------------------------------------
 
@@ -650,12 +825,24 @@ class Link:
             task.cancel()
         for ex in list(self._exchanges.values()):
             ex.fail(error)
+        self._fail_waiters(error)
         self._up.set()
         self._incoming_ready.set()
         self._notify(LinkFailed(error))
 
+    def _fail_waiters(self, error: BaseException) -> None:
+        waiters, self._sent_waiters = self._sent_waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+
     def _count(self, name: str) -> None:
         self._stats[name] = self._stats.get(name, 0) + 1
+
+
+async def _each(items: Iterable[messages.Message]) -> AsyncIterator[messages.Message]:
+    for item in items:
+        yield item
 
 
 def _error_reply(code: str, detail: str, retry_after: float | None = None) -> messages.Error:

@@ -8,7 +8,7 @@ pairs; this module turns a message object into that payload and back.
 
 The payload is one CBOR map, the *envelope*::
 
-    {"v": 1, "id": <corr id>, "re": <corr id answered, or null>, "body": {...}}
+    {"v": 2, "id": <corr id>, "re": <corr id answered, or null>, "body": {...}}
 
 ``v`` is the message format version, ``id`` the sender's correlation id for
 this message, ``re`` the ``id`` of the request a reply answers (null in a
@@ -49,7 +49,7 @@ from firmware.common.link.kinds import Kind
 
 #: Version of the envelope and of every body below.  A change to any field is
 #: a new version; a decoder accepts exactly the version it was built for.
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 
 #: Largest encoded message: the session's own cap (``SessionConfig.max_message``).
 MAX_MESSAGE: Final = 64 * 2**20
@@ -80,6 +80,14 @@ MAX_SIGNATURE: Final = 1024  # an Ed25519 signature is 64 bytes; room for others
 MAX_STATUS_ENTRIES: Final = 256
 MAX_STATUS_KEY: Final = 64
 MAX_STATUS_TEXT: Final = 1024
+#: One ServicePart: a relay forwards central's parts as they come, so the
+#: cap bounds what one part may hold, not how a sender cuts a bundle.
+MAX_PART: Final = 64 * 2**10
+#: How the link cuts a Service bundle it streams (see :func:`split_service`):
+#: small enough that a relay passes a part on a fraction of a second after
+#: it arrived over a modem, large enough that the envelope (~30 bytes) is
+#: under 1% of it.
+PART_SIZE: Final = 4096
 #: One LinkData chunk: the link test sends 64 KiB chunks; 16 MiB bounds a peer.
 MAX_CHUNK: Final = 16 * 2**20
 SHA256_SIZE: Final = 32
@@ -376,10 +384,36 @@ class AuthProof(Message):
 @_message(Kind.SERVICE, reply=True)
 @dataclass(frozen=True, slots=True)
 class Service(Message):
-    """The sealed bundle and the sealed licence/authentication data of a service."""
+    """The sealed bundle and the sealed licence/authentication data of a service.
+
+    ``streamed`` is 0 when ``sealed_bundle`` is carried here (empty: the
+    holder's version is current).  Otherwise the bundle went ahead in
+    ``streamed`` bytes of :class:`ServicePart` replies to the same request,
+    and ``sealed_bundle`` is empty; the receiving link joins the parts and
+    hands its caller a Service with the whole bundle and ``streamed`` 0.
+    """
 
     sealed_bundle: bytes = _f(_Bytes(MAX_BUNDLE))
     sealed_licence: bytes = _f(_Bytes(MAX_SEALED, 1))
+    streamed: int = _f(_Int(0, MAX_BUNDLE), 0)
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if self.streamed and self.sealed_bundle:
+            raise LocalProtocolError("Service: a streamed bundle is not also carried inline")
+
+
+@_message(Kind.SERVICE_PART, reply=True)
+@dataclass(frozen=True, slots=True)
+class ServicePart(Message):
+    """``data`` is the bundle's bytes at ``offset`` of a streamed :class:`Service` reply.
+
+    Parts of one reply may arrive in any order (bulk messages share the line),
+    before or after the Service that ends it.
+    """
+
+    offset: int = _f(_Int(0, MAX_BUNDLE - 1))
+    data: bytes = _f(_Bytes(MAX_PART, 1))
 
 
 @_message(Kind.SYNC_DATA, reply=True)
@@ -514,6 +548,29 @@ REPLY_KIND: Final[Mapping[Kind, Kind]] = {
 }
 
 
+#: request kind -> the kind of the parts its reply may be streamed in.
+PART_KIND: Final[Mapping[Kind, Kind]] = {Kind.FETCH_SERVICE: Kind.SERVICE_PART}
+
+
+def split_service(reply: Service, part_size: int = PART_SIZE) -> Iterator[Message]:
+    """Yield ``reply`` as streamed: its bundle in ServiceParts, then the Service that ends it.
+
+    A reply whose bundle fits one part (or is already streamed) is yielded
+    unchanged, alone.  Raises LocalProtocolError for a part size outside
+    1..MAX_PART.
+    """
+    if not 1 <= part_size <= MAX_PART:
+        raise LocalProtocolError(f"part size {part_size} outside 1..{MAX_PART}")
+    bundle = reply.sealed_bundle
+    if len(bundle) <= part_size:
+        yield reply
+        return
+    view = memoryview(bundle)
+    for offset in range(0, len(bundle), part_size):
+        yield ServicePart(offset=offset, data=bytes(view[offset : offset + part_size]))
+    yield Service(sealed_bundle=b"", sealed_licence=reply.sealed_licence, streamed=len(bundle))
+
+
 def message_type(kind: int) -> type[Message]:
     """Return the message class for ``kind``.  Raises InvalidMessage for an unknown kind."""
     try:
@@ -640,6 +697,6 @@ def decode(kind: int, data: bytes) -> tuple[Message, int, int | None]:
         raise InvalidMessage("not the canonical encoding (or trailing bytes)", **ids)
     try:
         msg = cls(**body)
-    except LocalProtocolError as e:  # unreachable after the checks above; kept as a guard
+    except LocalProtocolError as e:  # a rule across fields (e.g. Service.streamed)
         raise InvalidMessage(str(e), **ids) from e
     return msg, corr_id, reply_to

@@ -345,7 +345,8 @@ async def test_malformed_messages_are_answered_and_audited(central: TempCentral)
         # The Link will not encode a malformed message, so put raw bytes on its session:
         # a readable envelope whose body has the wrong type.
         bad = cbor2.dumps(
-            {"v": 1, "id": 5, "re": None, "body": {"since_version": "soon"}}, canonical=True
+            {"v": m.FORMAT_VERSION, "id": 5, "re": None, "body": {"since_version": "soon"}},
+            canonical=True,
         )
         link._queue(MessageKind.SYNC, bad)
         async with asyncio.timeout(10):

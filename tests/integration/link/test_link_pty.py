@@ -23,7 +23,7 @@ from firmware.common.errors import (
     RemoteError,
 )
 from firmware.common.link import messages as m
-from firmware.common.link.link import Link, LinkFailed
+from firmware.common.link.link import Handler, Link, LinkFailed
 from firmware.common.link.session import Role, SessionConfig, SessionDown, SessionUp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -87,7 +87,7 @@ async def close_quietly(link: Link) -> None:
 async def with_links(
     pair: PtyPair,
     body: Callable[[Link, Link], Awaitable[None]],
-    handler: Callable[[m.Message], Awaitable[m.Message | None]] = echo_handler,
+    handler: Handler = echo_handler,
 ) -> None:
     """Run ``body(client, server)``: client on the slave by path, server on the master."""
     server = Link(

@@ -26,6 +26,8 @@ EXAMPLES: list[m.Message] = [
     m.AuthBegin(gateway_id="gw-0001"),
     m.AuthProof(signature=b"\x01" * 64),
     m.Service(sealed_bundle=b"B" * 1000, sealed_licence=b"L"),
+    m.Service(sealed_bundle=b"", sealed_licence=b"L", streamed=9000),
+    m.ServicePart(offset=4096, data=b"P" * 4096),
     m.SyncData(sealed=b"S"),
     m.UsageAck(batch_id="batch-7"),
     m.StatusReport(fields={"uptime_s": 12, "load": 0.5, "ok": True, "name": "outer"}),
@@ -103,7 +105,7 @@ def test_golden_encoding_of_a_request() -> None:
     assert data.hex() == (
         "a4"  # map(4)
         "6176"
-        "01"  # "v": 1
+        "02"  # "v": 2
         "626964"
         "01"  # "id": 1
         "627265"
@@ -225,8 +227,9 @@ def test_oversized_message() -> None:
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ({"v": 2}, "unsupported format version"),
-        ({"v": 1.0}, "unsupported format version"),
+        ({"v": 1}, "unsupported format version"),  # before Service.streamed
+        ({"v": 3}, "unsupported format version"),
+        ({"v": 2.0}, "unsupported format version"),
         ({"v": True}, "unsupported format version"),
         ({"id": -1}, "id must be"),
         ({"id": 2**32}, "id must be"),
@@ -261,7 +264,9 @@ def test_envelope_keys_are_exact() -> None:
 
 def test_broken_reply_names_the_request_it_answers() -> None:
     body = {"nonce": b"", "sent_at": 1.0}
-    kind, data = _raw(Kind.LINK_ECHO_REPLY, {"v": 1, "id": 4, "re": 77, "body": body})
+    kind, data = _raw(
+        Kind.LINK_ECHO_REPLY, {"v": m.FORMAT_VERSION, "id": 4, "re": 77, "body": body}
+    )
     err = _rejects(kind, data, "length 0")
     assert (err.corr_id, err.reply_to) == (4, 77)
 
@@ -370,7 +375,9 @@ def test_random_bytes_never_crash(kind: int, data: bytes) -> None:
 
 @given(kind=st.sampled_from(list(Kind)), body=_cbor_values, corr=st.integers(-2, 2**33))
 def test_random_envelopes_never_crash(kind: Kind, body: object, corr: int) -> None:
-    data = cbor2.dumps({"v": 1, "id": corr, "re": None, "body": body}, canonical=True)
+    data = cbor2.dumps(
+        {"v": m.FORMAT_VERSION, "id": corr, "re": None, "body": body}, canonical=True
+    )
     try:
         msg, _, _ = m.decode(kind, data)
     except m.InvalidMessage:
