@@ -46,6 +46,9 @@ from firmware.common.uplink import UsageRecord, auth_transcript, sign_usage_batc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+#: A writer imports the project and opens its stores within seconds.
+READY_S = 30.0
+
 #: Kills per run; each round also restarts from what the last one left.
 ROUNDS = 6
 #: The kill lands this long after the writer's first acknowledgement: long
@@ -127,23 +130,28 @@ def crash_seed() -> int:
     return int(text) if text else random.SystemRandom().randrange(2**32)
 
 
-@contextlib.contextmanager
-def writer(root: Path, rnd: int, now: int) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-c", WRITER, str(root), str(rnd), str(now)),
-            *(str(EXTEND_DAYS * 86400), str(RECORDS_PER_BATCH)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def killed_writer(argv: list[str], log: Path, delay: float, why: str) -> list[str]:
+    """Run a writer, SIGKILL it ``delay`` seconds after it is ready; return its complete lines.
+
+    The writer's acknowledgements go to a file, not a pipe: a pipe nobody
+    reads fills up and would stall the writer in a print, far from its
+    writes.  A line the kill cut short was never acknowledged.
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", *argv], stdout=out)
     try:
-        yield proc
+        deadline = time.monotonic() + READY_S
+        while not log.read_text().startswith("ready\n"):
+            assert proc.poll() is None, f"the writer exited with {proc.returncode}; {why}"
+            assert time.monotonic() < deadline, f"the writer never became ready; {why}"
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+    text = log.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()[1:]
 
 
 def _table(repo: TinyRepository, name: str) -> list[dict[str, Any]]:
@@ -179,13 +187,15 @@ def test_central_killed_mid_write_keeps_every_acknowledged_change(tmp_path: Path
     kinds_acked: set[str] = set()
 
     for rnd in range(ROUNDS):
-        with writer(tmp_path, rnd, now) as proc:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready", why
-            time.sleep(rng.uniform(*KILL_WINDOW_S))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            lines = proc.stdout.read().splitlines()
+        lines = killed_writer(
+            [
+                WRITER,
+                *(str(a) for a in (tmp_path, rnd, now, EXTEND_DAYS * 86400, RECORDS_PER_BATCH)),
+            ],
+            tmp_path / "acks.log",
+            rng.uniform(*KILL_WINDOW_S),
+            why,
+        )
         for line in lines:
             kind, *rest = line.split()
             kinds_acked.add(kind)

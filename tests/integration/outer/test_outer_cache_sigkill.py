@@ -30,6 +30,9 @@ from firmware.outer.cache import SealedCache, digest_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+#: A writer imports the project and opens its stores within seconds.
+READY_S = 30.0
+
 ROUNDS = 8
 #: The kill lands this long after the writer's first acknowledgement.
 KILL_WINDOW_S = (0.0, 0.4)
@@ -79,20 +82,28 @@ def replaying(why: str) -> Iterator[None]:
         raise
 
 
-@contextlib.contextmanager
-def writer(directory: Path, first: int) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(directory), str(first)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def killed_writer(argv: list[str], log: Path, delay: float, why: str) -> list[str]:
+    """Run a writer, SIGKILL it ``delay`` seconds after it is ready; return its complete lines.
+
+    The writer's acknowledgements go to a file, not a pipe: a pipe nobody
+    reads fills up and would stall the writer in a print, far from its
+    writes.  A line the kill cut short was never acknowledged.
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", *argv], stdout=out)
     try:
-        yield proc
+        deadline = time.monotonic() + READY_S
+        while not log.read_text().startswith("ready\n"):
+            assert proc.poll() is None, f"the writer exited with {proc.returncode}; {why}"
+            assert time.monotonic() < deadline, f"the writer never became ready; {why}"
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+    text = log.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()[1:]
 
 
 @pytest.mark.timeout(120)
@@ -109,13 +120,12 @@ def test_cache_killed_mid_write_keeps_a_whole_index_and_every_acknowledged_objec
     kinds: set[str] = set()
     for rnd in range(ROUNDS):
         first = rnd * STRIDE
-        with writer(directory, first) as proc:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready", why
-            time.sleep(rng.uniform(*KILL_WINDOW_S))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            lines = proc.stdout.read().splitlines()
+        lines = killed_writer(
+            [WRITER, *(str(a) for a in (directory, first))],
+            tmp_path / "acks.log",
+            rng.uniform(*KILL_WINDOW_S),
+            why,
+        )
         for line in lines:
             kind, *rest = line.split()
             kinds.add(kind)
