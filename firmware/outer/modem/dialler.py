@@ -38,15 +38,33 @@ CONNECT.  A failed answer goes back to waiting for the next call.
 
 Data mode and carrier loss
 --------------------------
-After CONNECT every byte from the modem is data (:class:`DataReceived`).  Binary
-data may contain the text ``NO CARRIER``, so the core applies one rule: carrier
-is lost when the stream ends with exactly ``\\r\\nNO CARRIER\\r\\n`` and nothing
-follows for ``carrier_confirm`` seconds (a modem that dropped carrier is in
-command state and sends nothing more).  Until then those bytes (and a trailing
-partial match) are held back, and released as data the moment more bytes come.
-Where the port has a DCD line the adapter reports it with
-:meth:`set_carrier_detect`, which is authoritative.  A line that dies silently
-is detected by the link session's keepalives, not here.
+After CONNECT every byte from the modem is data (:class:`DataReceived`).  Where
+the port has a DCD line the adapter reports it with :meth:`set_carrier_detect`,
+which is authoritative.  Without one (a pty) the modem reports a drop only
+in-band, with ``\\r\\nNO CARRIER\\r\\n``, and binary data may contain that
+text, so the core tells the two apart by what follows:
+
+* Data is the link's framing: ``0x00 COBS(frame) 0x00``, each frame written
+  whole.  Text inside a frame is therefore always followed, within a few
+  byte times, by the rest of that frame, at least its closing 0x00.
+* A modem that dropped carrier is in command state: it sends nothing more of
+  its own, but echoes (E1) whatever we type.  So while the NO CARRIER is being
+  confirmed our own data is *held back* (:meth:`send_data` queues it), and
+  the modem has nothing to echo.  Only what we wrote before the NO CARRIER
+  reached us can come back: the core keeps the last :data:`ECHO_SPAN` bytes
+  it sent, and bytes that repeat them from the start of one of our frames
+  are taken for that echo.  A peer's frame never equals ours (it carries the
+  peer's own session token).
+
+Carrier is lost when the stream ends with that text and, with our writes held,
+nothing but our own echo follows for the confirm window: ``carrier_confirm``,
+or longer at low line speeds, where a modem with error correction delivers
+data in bursts of :data:`CONFIRM_BITS` (``Connected.speed`` sets it).  Any other
+byte makes the text data: it is delivered at once, counted in
+``false_no_carrier``, and the held writes go out.  A trailing partial match is
+held the same way (without holding writes) until the window passes or more
+bytes come.  A line that dies silently is detected by the link session's
+keepalives, not here.
 
 Hang-up
 -------
@@ -55,8 +73,12 @@ up), raise it again, and check with ``AT`` -> OK.  Without them (a pty), or if
 the modem stays silent: the escape sequence -- ``guard`` seconds without
 sending, ``+++``, ``guard`` seconds of silence, expect OK -- then ``ATH0``.
 Our frames start with a 0x00 delimiter, so link traffic never looks like a
-guarded ``+++``.  A hang-up while a call is being dialled or answered sends a
-CR, which makes the modem abandon it.
+guarded ``+++``.  A modem already in command state (a drop we did not
+recognise) does not answer ``+++`` but echoes it: once the echo is seen and a
+guard time has passed without OK, ``ATH0`` goes out at once, and its OK ends
+the hang-up cleanly.  A hang-up requested while a NO CARRIER is being
+confirmed waits for the verdict: a drop needs no hang-up.  A hang-up while a
+call is being dialled or answered sends a CR, which makes the modem abandon it.
 """
 
 from __future__ import annotations
@@ -93,6 +115,21 @@ RESET_ATTEMPTS: Final = 3
 
 #: How the data stream announces carrier loss in verbose mode (V1).
 NO_CARRIER_BYTES: Final = b"\r\nNO CARRIER\r\n"
+
+#: Our own output kept to recognise the modem's echo of it after a NO CARRIER:
+#: what can be in flight towards the modem when it drops carrier.  Two of the
+#: link's largest encoded frames (4.1 KiB each).
+ECHO_SPAN: Final = 8192
+
+#: A modem with V.42 error correction hands data to us one LAPM frame at a
+#: time (up to 256 octets, 10 bits each on the line), so a gap of up to two
+#: such frames can fall inside one of our frames.  The confirm window is never
+#: shorter than this at the call's CONNECT speed: 0.15 s at 33600 bit/s,
+#: 2.1 s at 2400.
+CONFIRM_BITS: Final = 5120
+
+#: The escape sequence (S2 = "+", three times).
+ESCAPE_SEQUENCE: Final = b"+++"
 
 #: Extra silence on top of the modem's guard time (S12), so the jitter of the
 #: event loop and of the USB serial driver cannot make our silence too short.
@@ -134,7 +171,12 @@ class DiallerConfig:
     seed: int | None = None
     #: S12 = 50 fiftieths: the escape guard time of a Hayes modem.
     escape_guard: float = 1.0
-    carrier_confirm: float = 0.5
+    #: Silence after a NO CARRIER in the data stream, with our writes held,
+    #: that confirms it.  Data that merely contains the text is followed by
+    #: the rest of its frame within a few byte times (pacing, USB latency:
+    #: tens of milliseconds); 0.25 s is several times that and still well
+    #: under a second.  Low line speeds lengthen it (CONFIRM_BITS).
+    carrier_confirm: float = 0.25
     #: How long DTR stays low; &D2 needs it low for more than S25 (50 ms).
     dtr_drop_time: float = 0.5
     use_dtr: bool = False
@@ -302,13 +344,29 @@ class Dialler:
         self._escape_tries = 0
         self._hangup_requested = False
         self._last_tx = float("-inf")
+        #: received bytes that are (or may become) a NO CARRIER
         self._held = b""
         self._held_deadline: float | None = None
+        self._confirm_window = config.carrier_confirm
+        #: bytes received after a whole NO CARRIER: our own echo, or data
+        self._after = bytearray()
+        #: offsets in _sent where an echo of our frames could begin
+        self._echo_starts: list[int] = []
+        #: the last ECHO_SPAN bytes we sent during this call
+        self._sent = bytearray()
+        #: our data held back while a NO CARRIER is being confirmed
+        self._tx_held = bytearray()
+        self._escape_tail = b""
+        self._escape_echoed = False
+        self._probing = False
         self._skip_lf = False
         self._stats = {
             "calls": 0,
             "connects": 0,
+            "carrier_losses": 0,
             "false_no_carrier": 0,
+            "echoed_bytes": 0,
+            "held_bytes_dropped": 0,
             "discarded_bytes": 0,
             "bytes_in": 0,
             "bytes_out": 0,
@@ -321,8 +379,14 @@ class Dialler:
         """The current :class:`State`."""
         return self._state
 
+    @property
+    def confirming(self) -> bool:
+        """True while a NO CARRIER in the data stream is being confirmed (writes held)."""
+        return self._held == NO_CARRIER_BYTES
+
     def statistics(self) -> dict[str, int]:
-        """Return counters (calls, connects, false NO CARRIER alarms, bytes)."""
+        """Return counters: calls, connects, carrier losses, false NO CARRIER alarms,
+        echoed bytes taken back, held writes dropped with the carrier, bytes."""
         return {**self._stats, **{f"parser_{k}": v for k, v in self._parser.statistics().items()}}
 
     def next_deadline(self) -> float | None:
@@ -371,25 +435,37 @@ class Dialler:
         self._start_reset(now, commands)
 
     def send_data(self, data: bytes, now: float) -> None:
-        """Queue data for the far end.  Raises LocalProtocolError unless ONLINE."""
+        """Queue data for the far end.  Raises LocalProtocolError unless ONLINE.
+
+        While a NO CARRIER is being confirmed the data is held back; it goes
+        out if the text turns out to be data, and is dropped with the call if
+        the carrier is lost.
+        """
         if self._state is not State.ONLINE:
             raise LocalProtocolError(f"cannot send data while {self._state.value}")
         if data:
-            self._out += data
-            self._last_tx = now
             self._stats["bytes_out"] += len(data)
+            if self.confirming:
+                self._tx_held += data
+            else:
+                self._transmit(data, now)
 
     def hangup(self, now: float) -> None:
         """End the call, or abandon whatever is in progress; HungUp follows.
 
         Idempotent: in IDLE it reports HungUp(clean=True) at once; while a
-        hang-up is already running it does nothing.
+        hang-up is already running it does nothing.  While a NO CARRIER is
+        being confirmed it waits for the verdict: a lost carrier ends the call
+        (CarrierLost, then HungUp(clean=True)) with nothing sent to the modem.
         """
         state = self._state
         if state in _HANGUP_STATES:
             return
         if state is State.ONLINE:
-            self._flush_held()
+            if self.confirming:
+                self._hangup_requested = True
+                return
+            self._release(now)
             if self.config.use_dtr:
                 self._events.append(SetDTR(False))
                 self._enter(State.DTR_LOW, now + self.config.dtr_drop_time)
@@ -406,10 +482,12 @@ class Dialler:
 
     def set_carrier_detect(self, present: bool, now: float) -> None:
         """Report the DCD line (ports that have one); its loss while ONLINE ends the call."""
-        del now
         if not present and self._state is State.ONLINE:
-            self._flush_held()
-            self._carrier_lost()
+            if self.confirming:
+                self._carrier_dropped()  # that NO CARRIER was the modem's
+            else:
+                self._release(now)
+                self._carrier_lost()
 
     # ------------------------------------------------------------------ input
 
@@ -425,6 +503,8 @@ class Dialler:
             # idle chatter, or the tail of the data stream while we hang up
             self._stats["discarded_bytes"] += len(data)
             return
+        if self._state is State.ESCAPE_WAIT and not self._escape_echoed:
+            self._note_escape_echo(data, now)
         self._parser.receive_bytes(data)
         self._drain_parser(now)
 
@@ -432,11 +512,12 @@ class Dialler:
         """Act on every deadline that is due at ``now``."""
         if self._held_deadline is not None and now >= self._held_deadline:
             self._held_deadline = None
-            if self._held == NO_CARRIER_BYTES:
-                self._held = b""
-                self._carrier_lost()
+            if not self.confirming:
+                self._release(now)  # a partial match, and nothing more came: data
+            elif self._only_our_echo_followed():
+                self._carrier_dropped()
             else:
-                self._flush_held()
+                self._refuted(now)
         if self._deadline is None or now < self._deadline:
             return
         self._deadline = None
@@ -459,6 +540,10 @@ class Dialler:
         self._parser.reset()
         self._held = b""
         self._held_deadline = None
+        self._after.clear()
+        self._echo_starts = []
+        self._sent.clear()
+        self._tx_held.clear()
         self._hangup_requested = False
 
     def _command(self, command: str, now: float, state: State, timeout: float) -> None:
@@ -540,6 +625,11 @@ class Dialler:
         self._skip_lf = self._parser.pending_lf
         self._hangup_requested = False
         self._stats["connects"] += 1
+        self._sent.clear()
+        window = self.config.carrier_confirm
+        if result.speed:
+            window = max(window, CONFIRM_BITS / result.speed)
+        self._confirm_window = window
         self._enter(State.ONLINE, None)
         self._events.append(Connected(result.speed, result.protocol, result.text))
         if tail:
@@ -551,44 +641,150 @@ class Dialler:
 
     def _start_escape(self, now: float) -> None:
         self._escape_tries += 1
+        self._escape_tail = b""
+        self._escape_echoed = False
+        self._probing = False
         guard = self.config.escape_guard + GUARD_MARGIN
         self._parser.reset()
         self._enter(State.ESCAPE_GUARD, max(now, self._last_tx + guard))
 
+    def _note_escape_echo(self, data: bytes, now: float) -> None:
+        # A modem online passes our +++ down the line; one in command state
+        # echoes it.  (A far end that echoes would send it back too, but then
+        # the modem says OK after the guard, before the deadline set here.)
+        seen = self._escape_tail + data
+        self._escape_tail = seen[-(len(ESCAPE_SEQUENCE) - 1) :]
+        if ESCAPE_SEQUENCE in seen and self._deadline is not None:
+            self._escape_echoed = True
+            after_guard = self._last_tx + self.config.escape_guard + GUARD_MARGIN
+            self._deadline = min(self._deadline, max(now, after_guard))
+
     def _hung_up(self, clean: bool) -> None:
         self._escape_tries = 0
+        self._probing = False
         self._go_idle()
         self._events.append(HungUp(clean))
 
     # --------------------------------------------------------------- data mode
+
+    def _transmit(self, data: bytes, now: float) -> None:
+        self._out += data
+        self._last_tx = now
+        self._sent += data
+        if len(self._sent) > ECHO_SPAN:
+            del self._sent[: len(self._sent) - ECHO_SPAN]
 
     def _data_in(self, data: bytes, now: float) -> None:
         if self._skip_lf:
             self._skip_lf = False
             if data[:1] == b"\n":
                 data = data[1:]
-        if self._held == NO_CARRIER_BYTES and data:
-            self._stats["false_no_carrier"] += 1
-        buf = self._held + data
-        if buf.endswith(NO_CARRIER_BYTES):
-            keep = len(NO_CARRIER_BYTES)
+        if not data:
+            return
+        if self.confirming:
+            self._after_no_carrier(data, now)
         else:
-            keep = 0
-            for k in range(min(len(buf), len(NO_CARRIER_BYTES) - 1), 0, -1):
-                if NO_CARRIER_BYTES.startswith(buf[-k:]):
-                    keep = k
-                    break
+            self._scan(data, now)
+
+    def _scan(self, data: bytes, now: float, not_before: int = 0) -> None:
+        """Deliver data, holding back a NO CARRIER (and any echo of ours after
+        it) that ends the stream, or a trailing prefix of one.
+
+        ``not_before``: a NO CARRIER starting before this offset is data.
+        """
+        buf = self._held + data
+        self._held = b""
+        end = len(buf)
+        while (at := buf.rfind(NO_CARRIER_BYTES, not_before, end)) >= 0:
+            rest = buf[at + len(NO_CARRIER_BYTES) :]
+            starts = self._echo_starts_for(rest)
+            if starts is not None:
+                # From here on the modem, if it really is in command state,
+                # hears nothing from us (send_data holds), so only the echo of
+                # what we sent before can follow.
+                if at:
+                    self._events.append(DataReceived(buf[:at]))
+                self._held = NO_CARRIER_BYTES
+                self._after[:] = rest
+                self._echo_starts = starts
+                self._held_deadline = now + self._confirm_window
+                return
+            end = at + len(NO_CARRIER_BYTES) - 1
+        keep = 0
+        for k in range(min(len(buf), len(NO_CARRIER_BYTES) - 1), 0, -1):
+            if NO_CARRIER_BYTES.startswith(buf[-k:]):
+                keep = k
+                break
         deliver = buf[: len(buf) - keep]
         self._held = buf[len(buf) - keep :]
-        self._held_deadline = now + self.config.carrier_confirm if self._held else None
+        self._held_deadline = now + self._confirm_window if self._held else None
         if deliver:
             self._events.append(DataReceived(deliver))
 
-    def _flush_held(self) -> None:
+    def _echo_starts_for(self, rest: bytes) -> list[int] | None:
+        """Return where in our recent output an echo equal to ``rest`` (so far)
+        could begin: at the start of one of our frames.  None if nowhere."""
+        sent = self._sent
+        starts = [k for k in range(len(sent) - 1) if sent[k] == 0 and sent[k + 1] != 0]
+        if not rest:
+            return starts
+        starts = [k for k in starts if sent[k : k + len(rest)] == rest]
+        return starts or None
+
+    def _after_no_carrier(self, data: bytes, now: float) -> None:
+        before = len(self._after)
+        self._after += data
+        sent = self._sent
+        self._echo_starts = [
+            k for k in self._echo_starts if sent[k + before : k + before + len(data)] == data
+        ]
+        if self._echo_starts:
+            # still possibly our echo: wait for silence after it
+            self._held_deadline = now + self._confirm_window
+            return
+        self._refuted(now)
+
+    def _only_our_echo_followed(self) -> bool:
+        count = len(self._after)
+        if not count:
+            return True
+        return any(k + count == len(self._sent) for k in self._echo_starts)
+
+    def _refuted(self, now: float) -> None:
+        """The NO CARRIER was data: deliver it and what followed, send what we held."""
+        self._stats["false_no_carrier"] += 1
+        after = bytes(self._after)
+        self._held = b""
+        self._release(now)
+        # delivered in one piece with what followed, which may itself end
+        # with a NO CARRIER
+        self._scan(NO_CARRIER_BYTES + after, now, not_before=1)
+        if self._hangup_requested:
+            self._hangup_requested = False
+            self.hangup(now)
+
+    def _release(self, now: float) -> None:
+        """Deliver held bytes as data and send the writes held meanwhile."""
         if self._held:
             self._events.append(DataReceived(self._held))
         self._held = b""
         self._held_deadline = None
+        self._after.clear()
+        self._echo_starts = []
+        if self._tx_held:
+            held = bytes(self._tx_held)
+            self._tx_held.clear()
+            self._transmit(held, now)
+
+    def _carrier_dropped(self) -> None:
+        """The NO CARRIER was the modem's: end the call (and a hang-up waiting on it)."""
+        self._stats["carrier_losses"] += 1
+        self._stats["echoed_bytes"] += len(self._after)
+        self._stats["held_bytes_dropped"] += len(self._tx_held)
+        hangup = self._hangup_requested
+        self._carrier_lost()
+        if hangup:
+            self._events.append(HungUp(clean=True))
 
     # ------------------------------------------------------- parser events
 
@@ -717,11 +913,19 @@ class Dialler:
         self._enter(State.ESCAPE_WAIT, now + wait)
 
     def _timeout_escape_wait(self, now: float) -> None:
-        if self._escape_tries < ESCAPE_ATTEMPTS:
+        if self._escape_echoed:
+            # The modem echoed +++ and said no OK: it is in command state
+            # already, after a drop we did not recognise.  ATH0 -> OK settles it.
+            self._parser.reset()
+            self._probing = True
+            self._command("ATH0", now, State.HANGING_UP, self.config.command_timeout)
+        elif self._escape_tries < ESCAPE_ATTEMPTS:
             self._start_escape(now)
         else:
             self._hung_up(clean=False)
 
     def _timeout_hanging_up(self, now: float) -> None:
-        del now
-        self._hung_up(clean=False)
+        if self._probing and self._escape_tries < ESCAPE_ATTEMPTS:
+            self._start_escape(now)  # that echo was the far end's after all
+        else:
+            self._hung_up(clean=False)

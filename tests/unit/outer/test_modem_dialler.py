@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import pytest
+from cobs import cobs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -199,7 +201,7 @@ def test_failed_attempts_are_retried_after_backoff(result: bytes, error_type: ty
     assert rig.sent() == b""
     rig.advance(0.01)
     assert rig.sent() == b"ATDT5551234\r"
-    assert rig.d.state is State.DIALLING
+    assert cast(State, rig.d.state) is State.DIALLING  # mypy keeps the narrowing above
 
 
 @pytest.mark.parametrize("result", [b"\r\nERROR\r\n", b"\r\nOK\r\n"])
@@ -259,6 +261,7 @@ def busy_schedule(seed: int, attempts: int = 5) -> list[CallAttemptFailed | Call
 def test_backoff_is_exponential_capped_and_replays_with_the_seed() -> None:
     first = busy_schedule(seed=42)
     assert [type(e) for e in first] == [CallAttemptFailed] * 4 + [CallFailed]
+    assert isinstance(first[-1], CallFailed)
     assert first[-1].attempts == 5
     retries = [e.retry_at for e in first if isinstance(e, CallAttemptFailed)]
     # each attempt fails the moment it starts, so the gaps between retry times
@@ -368,7 +371,7 @@ def test_no_carrier_text_inside_data_is_data() -> None:
 
 
 def test_no_carrier_followed_by_silence_is_carrier_loss() -> None:
-    rig = Rig()
+    rig = Rig(carrier_confirm=0.5)
     rig.connect()
     rig.events()
     rig.modem(b"tail" + NO_CARRIER_BYTES[:5])
@@ -403,6 +406,197 @@ def test_dcd_drop_is_authoritative() -> None:
     assert rig.events() == [DataReceived(b"x"), DataReceived(b"\r"), CarrierLost()]
 
 
+def frame(payload: bytes) -> bytes:
+    """A frame as the link puts it on the wire: 0x00 COBS(payload) 0x00."""
+    return b"\x00" + cast(bytes, cobs.encode(payload)) + b"\x00"
+
+
+#: Frames whose payload carries the text, so their encoding does too.
+TEXT_FRAME = frame(b"hdr" + NO_CARRIER_BYTES + b"tail")
+#: One that ends with it: only its closing delimiter follows the text.
+TEXT_LAST_FRAME = frame(b"hdr" + NO_CARRIER_BYTES)
+
+
+def online(**overrides: object) -> Rig:
+    rig = Rig(**overrides)
+    rig.connect()
+    rig.events()
+    return rig
+
+
+def test_the_text_inside_a_frame_is_data_at_once() -> None:
+    rig = online()
+    assert NO_CARRIER_BYTES in TEXT_FRAME
+    rig.modem(TEXT_FRAME)
+    assert rig.events() == [DataReceived(TEXT_FRAME)]
+    assert not rig.d.confirming
+    assert rig.d.statistics()["false_no_carrier"] == 0
+
+
+def test_our_writes_wait_while_a_no_carrier_is_confirmed_then_go_out() -> None:
+    rig = online()
+    cut = TEXT_FRAME.index(NO_CARRIER_BYTES) + len(NO_CARRIER_BYTES)
+    rig.modem(TEXT_FRAME[:cut])  # the read ends right after the text
+    assert rig.d.confirming
+    rig.d.send_data(frame(b"ack"), rig.now)
+    assert rig.sent() == b""  # held: a modem in command state would echo it
+    rig.advance(0.1)
+    rig.modem(TEXT_FRAME[cut:])  # the rest of the frame: it was data
+    assert b"".join(e.data for e in rig.events() if isinstance(e, DataReceived)) == TEXT_FRAME
+    assert rig.sent() == frame(b"ack")
+    assert rig.d.state is State.ONLINE
+    assert rig.d.statistics()["false_no_carrier"] == 1
+
+
+def test_a_frame_ending_with_the_text_then_a_pause_is_data() -> None:
+    rig = online()
+    rig.d.send_data(frame(b"ours"), rig.now)  # a 0x00 of ours could be echoed
+    rig.sent()
+    rig.modem(TEXT_LAST_FRAME)  # the text, then the closing delimiter alone
+    assert rig.d.confirming
+    rig.advance(5.0)  # and the peer has nothing more to say
+    assert b"".join(e.data for e in rig.events() if isinstance(e, DataReceived)) == (
+        TEXT_LAST_FRAME
+    )
+    assert rig.d.state is State.ONLINE
+    assert rig.d.statistics()["false_no_carrier"] == 1
+
+
+def test_a_real_drop_is_confirmed_within_the_window() -> None:
+    rig = online()
+    rig.modem(frame(b"last") + b"\x00par" + NO_CARRIER_BYTES)  # cut mid-frame
+    assert rig.events() == [DataReceived(frame(b"last") + b"\x00par")]
+    rig.advance(0.24)
+    assert rig.events() == []
+    rig.advance(0.01)
+    assert rig.events() == [CarrierLost()]
+    assert rig.d.state is State.IDLE
+    assert rig.d.statistics()["carrier_losses"] == 1
+
+
+def test_a_drop_while_we_keep_sending_is_confirmed() -> None:
+    rig = online()
+    ours = [frame(b"ack-%d" % n) for n in range(3)]
+    rig.d.send_data(ours[0], rig.now)
+    rig.d.send_data(ours[1], rig.now)
+    rig.sent()
+    # the modem dropped while our second frame was on its way: it comes back
+    # as command-state echo, in the same read as the NO CARRIER and after it
+    rig.modem(b"data" + NO_CARRIER_BYTES + ours[1][:5])
+    assert rig.events() == [DataReceived(b"data")]
+    rig.advance(0.2)
+    rig.modem(ours[1][5:])
+    for _ in range(3):  # the link's keepalives and acks go on meanwhile
+        rig.d.send_data(ours[2], rig.now)
+        assert rig.sent() == b""
+        rig.advance(0.08)
+    assert rig.events() == []
+    rig.advance(0.01)  # the window after the last echoed byte
+    assert rig.events() == [CarrierLost()]
+    stats = rig.d.statistics()
+    assert stats["echoed_bytes"] == len(ours[1])
+    assert stats["held_bytes_dropped"] == 3 * len(ours[2])
+    assert stats["false_no_carrier"] == 0
+
+
+def test_data_that_resembles_our_output_but_not_from_a_frame_start_is_data() -> None:
+    rig = online()
+    rig.d.send_data(frame(b"ours"), rig.now)
+    rig.sent()
+    rig.modem(NO_CARRIER_BYTES + frame(b"ours")[1:])  # no leading delimiter
+    assert rig.events()[0] == DataReceived(NO_CARRIER_BYTES + frame(b"ours")[1:])
+    assert rig.d.state is State.ONLINE
+
+
+def test_a_second_text_after_a_false_one_is_judged_again() -> None:
+    rig = online()
+    rig.modem(b"x" + NO_CARRIER_BYTES)
+    rig.modem(b"y\x00" + NO_CARRIER_BYTES)  # data, then the real drop
+    assert rig.events() == [DataReceived(b"x"), DataReceived(NO_CARRIER_BYTES + b"y\x00")]
+    rig.advance(0.25)
+    assert rig.events() == [CarrierLost()]
+
+
+def test_confirm_window_follows_a_slow_line() -> None:
+    rig = Rig()
+    rig.connect(b"CONNECT 2400/ARQ")
+    rig.events()
+    rig.modem(NO_CARRIER_BYTES)
+    rig.advance(2.0)  # two error-corrected blocks at 2400 bit/s take 2.1 s
+    assert rig.events() == []
+    rig.advance(0.2)
+    assert rig.events() == [CarrierLost()]
+
+
+def test_hangup_while_confirming_waits_for_the_verdict() -> None:
+    rig = online()
+    rig.modem(NO_CARRIER_BYTES)
+    rig.d.hangup(rig.now)
+    rig.advance(0.25)
+    assert rig.events() == [CarrierLost(), HungUp(clean=True)]
+    assert rig.sent() == b""  # no escape: the modem was on hook already
+    # the text was data after all: the hang-up goes ahead by escape
+    rig = online()
+    rig.modem(NO_CARRIER_BYTES)
+    rig.d.hangup(rig.now)
+    rig.modem(b"more\x00")
+    assert rig.d.state is State.ESCAPE_GUARD
+    rig.advance(1.2)
+    assert rig.sent() == b"+++"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=40),
+            st.integers(0, 40),
+            st.booleans(),
+            st.lists(st.integers(1, 30), max_size=4),
+            st.floats(0.0, 5.0),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_framed_data_is_never_taken_for_a_drop(
+    frames: list[tuple[bytes, int, bool, list[int], float, bool]],
+) -> None:
+    """Frames carrying the text anywhere, cut into reads anywhere, with pauses of
+    any length between frames and our own frames going out at any time: all of
+    it is delivered as data, in order, and every byte we send goes out."""
+    rig = online()
+    got = bytearray()
+    wire = bytearray()
+    for body, at, with_text, cuts, pause, we_send in frames:
+        payload = body[:at] + (NO_CARRIER_BYTES if with_text else b"") + body[at:]
+        data = frame(payload)
+        wire += data
+        pieces = []
+        start = 0
+        for cut in cuts:
+            pieces.append(data[start : start + cut])
+            start += cut
+        pieces.append(data[start:])
+        for piece in pieces:
+            rig.modem(piece)
+            if we_send:
+                rig.d.send_data(frame(b"ours"), rig.now)
+            rig.advance(0.01)  # inside a frame the bytes follow each other closely
+        rig.advance(pause)
+        for event in rig.events():
+            assert isinstance(event, DataReceived)
+            got += event.data
+        rig.sent()
+    rig.advance(1.0)
+    for event in rig.events():
+        assert isinstance(event, DataReceived)
+        got += event.data
+    assert bytes(got) == bytes(wire)
+    assert rig.d.state is State.ONLINE
+    assert not rig.d.confirming
+
+
 # ------------------------------------------------------------------- hang-up
 
 
@@ -434,6 +628,43 @@ def test_escape_without_reply_is_retried_then_reported_unclean() -> None:
     rig.advance(30.0)
     assert rig.sent() == b"++++++"
     assert rig.events() == [HungUp(clean=False)]
+
+
+def test_escape_echoed_by_a_modem_in_command_state_is_settled_by_ath0() -> None:
+    # The modem dropped carrier without a NO CARRIER we could recognise (a
+    # numeric result, say): it is in command state and echoes what we type.
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(1.2)
+    assert rig.sent() == b"+++"
+    rig.modem(b"++")
+    rig.modem(b"+")  # the echo, split across reads
+    rig.advance(1.0 + GUARD_MARGIN - 0.01)
+    assert rig.sent() == b""  # an online modem's OK would have come by now
+    rig.advance(0.01)
+    rig.reply(b"ATH0\r", b"\r\nOK\r\n")
+    assert rig.events() == [HungUp(clean=True)]
+    assert rig.d.state is State.IDLE
+
+
+def test_escape_echoed_by_the_far_end_falls_back_to_another_escape() -> None:
+    rig = Rig()
+    rig.connect()
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(1.2)
+    assert rig.sent() == b"+++"
+    rig.modem(b"+++")  # the far end's echo; the modem's OK gets lost
+    rig.advance(1.2)
+    assert rig.sent() == b"ATH0\r"  # goes down the line as data: no answer
+    rig.advance(5.0)
+    rig.advance(1.2)
+    assert rig.sent() == b"+++"
+    rig.modem(b"\r\nOK\r\n")
+    rig.reply(b"ATH0\r", b"\r\nOK\r\n")
+    assert rig.events() == [HungUp(clean=True)]
 
 
 def test_remote_hangup_during_escape_counts_as_clean() -> None:
