@@ -205,18 +205,38 @@ class ModemPort:
         asyncio.get_running_loop().remove_writer(self._fd)
         self._flush()
 
-    def _on_readable(self) -> None:
+    def read_pending(self) -> None:
+        """Hand ``on_data`` whatever the port holds right now, without waiting.
+
+        The connection calls this before acting on a deadline, so bytes that
+        arrived before it are never judged as silence.
+        """
+        for _ in range(MAX_READ_BUFFER // MAX_READ):
+            if not self._reading or self._serial is None:
+                return
+            try:
+                # a tty read returns b"" when empty (VMIN 0), which means end
+                # of file to _on_readable, so ask first
+                waiting = self._serial.in_waiting
+            except (serial.SerialException, OSError):
+                return  # _on_readable reports a failed port when it is read
+            if not waiting or not self._on_readable():
+                return
+
+    def _on_readable(self) -> bool:
+        """Read once; return True if bytes were read."""
         try:
             data = os.read(self._fd, MAX_READ)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self._fail(e)
-            return
+            return False
         if not data:
             self._fail(OSError("end of file"))
-            return
+            return False
         self.on_data(data)
+        return True
 
     def _fail(self, error: OSError) -> None:
         path = self.path
@@ -417,6 +437,11 @@ class ModemConnection:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            deadline = self._core.next_deadline()
+            if deadline is not None and self._now() >= deadline:
+                # e.g. the silence that confirms a NO CARRIER: first take any
+                # bytes already waiting in the port, which would break it
+                self._port.read_pending()
             now = self._now()
             self._core.handle_deadline(now)
             if self._core.state is State.ONLINE:
