@@ -36,9 +36,15 @@ retry_after=N)`` at once; central refusing the gateway answers
 reached a cached service is served even past ``fetch_cache_age``: the inner
 module's trust layer decides whether it is still good.
 
-**Streaming.**  The optical reply starts only once the whole ``Service``
-message has arrived from central and been verified; docs/outer.md explains
-why the message layer makes overlapping impossible and what it would take.
+**Streaming.**  A bundle fetched from central is passed on to the inner
+module part by part while it still arrives (the link streams a ``Service``
+in ``ServicePart`` replies, see docs/wire-protocol.md), so the optical
+transfer hides behind the modem's.  The whole bundle is verified once it
+is there, before it is cached; the inner module verifies it again (it
+trusts nothing from this module anyway).  A fetch goes on to fill the
+cache even when the inner module stops listening (its link went down, it
+rebooted), and a second request for the same thing joins the fetch under
+way: it is sent the parts already received, then the rest.
 
 :func:`allowed` is the pure allowlist; the cache decisions are
 :func:`firmware.outer.cache.plan_fetch`.
@@ -47,10 +53,11 @@ why the message layer makes overlapping impossible and what it would take.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Final, TypeVar
 
 from firmware.common.crypto.errors import InvalidObject
@@ -77,6 +84,24 @@ BAD_OBJECT_RETRY: Final = 300.0
 
 Log = Callable[..., None]
 _T = TypeVar("_T")
+
+
+class _Download:
+    """A fetch from central under way: the parts so far, and who wants the next ones."""
+
+    __slots__ = ("listeners", "parts", "task")
+
+    def __init__(self) -> None:
+        self.parts: list[messages.ServicePart] = []
+        self.listeners: list[Callable[[messages.ServicePart], None]] = []
+        self.task: asyncio.Future[tuple[messages.Service, bool]]
+
+    def on_part(self, part: messages.ServicePart) -> None:
+        self.parts.append(part)
+        for listener in list(self.listeners):
+            listener(part)
+
+
 StatusSource = Callable[[], Mapping[str, str | int | float | bool]]
 
 
@@ -136,13 +161,18 @@ class Relay:
         self._log = log
         self.counters: Counter[str] = Counter()
         self._disk = asyncio.Lock()
+        self._downloads: dict[tuple[str, int | None], _Download] = {}
 
-    async def handle(self, msg: messages.Message) -> messages.Message:
+    async def handle(
+        self, msg: messages.Message
+    ) -> messages.Message | AsyncIterator[messages.Message]:
         """Return the reply to ``msg`` from the inner module.
 
-        Raises RemoteError (the Link answers it as an Error reply) for a
-        request outside the allowlist and for every failure to obtain an
-        answer.
+        A fetch answers with a stream: the parts of a bundle as they arrive
+        from central, then the ``Service`` that ends them (or one inline
+        ``Service``).  Raises RemoteError (the Link answers it as an Error
+        reply, ending a stream too) for a request outside the allowlist and
+        for every failure to obtain an answer.
         """
         kind = msg.KIND
         if not allowed(kind):
@@ -151,14 +181,20 @@ class Relay:
             self._log("refused", kind=kind.name)
             raise RemoteError("not_allowed", f"the outer module does not serve {kind.name}")
         self.counters[f"requests_{kind.name.lower()}"] += 1
-        try:
-            if isinstance(msg, messages.FetchService):
-                return await self._fetch(msg)
+        if isinstance(msg, messages.FetchService):
+            return self._fetch_stream(msg)
+        with self._typed_errors(kind):
             if isinstance(msg, messages.Sync):
                 return await self._sync(msg)
             if isinstance(msg, messages.UsageReport):
                 return await self._usage(msg)
             return messages.StatusReport(fields=status_fields(self._status()))
+
+    @contextlib.contextmanager
+    def _typed_errors(self, kind: MsgKind) -> Iterator[None]:
+        """Turn every failure to obtain an answer into a RemoteError for the inner module."""
+        try:
+            yield
         except UplinkError as e:
             self.counters[f"errors_{e.code}"] += 1
             self._log("request_failed", kind=kind.name, code=e.code, error=e.detail)
@@ -180,7 +216,67 @@ class Relay:
 
     # -- FETCH_SERVICE -----------------------------------------------------------------
 
-    async def _fetch(self, msg: messages.FetchService) -> messages.Service:
+    async def _fetch_stream(self, msg: messages.FetchService) -> AsyncIterator[messages.Message]:
+        download = self._downloads.get((msg.service, msg.have_version))
+        if download is None:
+            download = _Download()
+            key = (msg.service, msg.have_version)
+            download.task = asyncio.ensure_future(self._fetch(msg, download.on_part))
+            self._downloads[key] = download
+            download.task.add_done_callback(lambda t: self._fetch_done(key, t))
+        else:
+            self.counters["fetches_joined"] += 1
+        task = download.task
+        queue: asyncio.Queue[messages.ServicePart | None] = asyncio.Queue()
+        for earlier in download.parts:
+            queue.put_nowait(earlier)
+        download.listeners.append(queue.put_nowait)
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        forwarded = 0
+        try:
+            while (part := await queue.get()) is not None:
+                forwarded += 1
+                yield part
+        finally:
+            download.listeners.remove(queue.put_nowait)
+        with self._typed_errors(msg.KIND):
+            reply, streamed = task.result()
+        if forwarded and streamed and reply.sealed_bundle:
+            self.counters["bundles_streamed"] += 1
+            yield messages.Service(
+                sealed_bundle=b"",
+                sealed_licence=reply.sealed_licence,
+                streamed=len(reply.sealed_bundle),
+            )
+        else:
+            yield reply  # inline: any parts sent are discarded by the inner module
+
+    def _fetch_done(
+        self, key: tuple[str, int | None], task: asyncio.Future[tuple[messages.Service, bool]]
+    ) -> None:
+        download = self._downloads.pop(key, None)
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here too: every listener re-raises it
+        if error is not None and download is not None and not download.listeners:
+            self._log("fetch_failed_unheard", key=key[0], error=repr(error))
+
+    async def _fetch(
+        self, msg: messages.FetchService, on_part: Callable[[messages.ServicePart], None]
+    ) -> tuple[messages.Service, bool]:
+        """Return the reply to ``msg`` and whether its bundle went out through ``on_part``."""
+        streamed = False
+
+        def forward(part: messages.ServicePart) -> None:
+            nonlocal streamed
+            streamed = True
+            on_part(part)
+
+        return await self._fetch_reply(msg, forward), streamed
+
+    async def _fetch_reply(
+        self, msg: messages.FetchService, on_part: Callable[[messages.ServicePart], None]
+    ) -> messages.Service:
         now = self._wall()
         cache = self._cache
         entry = cache.services.get(msg.service)
@@ -197,6 +293,7 @@ class Relay:
             reply = await self._uplink.request(
                 messages.FetchService(service=msg.service, have_version=plan.ask_have_version),
                 messages.Service,
+                on_part=on_part,
             )
         except UplinkError:
             stale = await self._stale(msg)

@@ -68,7 +68,7 @@ from firmware.common.errors import (
     RemoteError,
 )
 from firmware.common.link import messages
-from firmware.common.link.link import Link
+from firmware.common.link.link import Link, PartListener
 from firmware.common.link.session import Role, SessionConfig
 from firmware.common.uplink import auth_transcript
 from firmware.outer.config import DialupConfig, InternetConfig
@@ -335,8 +335,13 @@ class Uplink:
         expect: type[_R],
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - one bound per exchange
+        on_part: PartListener | None = None,
     ) -> _R:
         """Send ``msg`` to central (connecting if needed) and return its reply.
+
+        ``on_part`` is told of each part of a streamed reply as it arrives
+        (:meth:`Link.request`); after a dropped call the request is sent
+        again and the parts come again from the start.
 
         ``timeout`` bounds the whole exchange, the connect included (default
         ``request_timeout``).  Raises CentralUnreachable (no transport got
@@ -355,7 +360,7 @@ class Uplink:
                 remaining = deadline - self._loop.time()
                 try:
                     return await call.link.request(
-                        msg, timeout=max(remaining, 0.001), expect=expect
+                        msg, timeout=max(remaining, 0.001), expect=expect, on_part=on_part
                     )
                 except RemoteError:
                     raise

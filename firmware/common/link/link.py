@@ -139,42 +139,17 @@ Listener = Callable[[StateEvent], None]
 _R = TypeVar("_R", bound=messages.Message)
 
 
-class _Exchange:
-    """One request (or one-way message) of ours, until it is answered or fails."""
+class PartJoiner:
+    """The parts of one streamed Service reply, placed by offset, until they are whole."""
 
-    __slots__ = (
-        "expect",
-        "final",
-        "future",
-        "generation",
-        "kind",
-        "msg_id",
-        "on_part",
-        "one_way",
-        "part_bytes",
-        "part_kind",
-        "parts",
-    )
+    __slots__ = ("final", "nbytes", "parts")
 
-    def __init__(self, kind: Kind, future: asyncio.Future[messages.Message | None]) -> None:
-        self.kind = kind
-        self.expect = messages.REPLY_KIND.get(kind)
-        self.part_kind = messages.PART_KIND.get(kind)
-        self.future = future
-        self.one_way = False
-        self.msg_id: int | None = None  # the session's id, once queued
-        self.generation = -1  # session instance it was sent in
-        self.on_part: PartListener | None = None
-        self.parts: dict[int, bytes] = {}  # a streamed reply's parts, by offset
-        self.part_bytes = 0
-        self.final: messages.Service | None = None  # the end of a streamed reply
+    def __init__(self) -> None:
+        self.parts: dict[int, bytes] = {}
+        self.nbytes = 0
+        self.final: messages.Service | None = None  # the Service that ends the stream
 
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-        self.parts.clear()
-
-    def add_part(self, part: messages.ServicePart) -> bool:
+    def add(self, part: messages.ServicePart) -> bool:
         """Keep ``part``; return False for an exact repeat.  Raises InvalidMessage."""
         end = part.offset + len(part.data)
         limit = self.final.streamed if self.final is not None else messages.MAX_BUNDLE
@@ -185,11 +160,21 @@ class _Exchange:
             if held != part.data:
                 raise messages.InvalidMessage(f"two different parts at {part.offset}")
             return False
-        self.part_bytes += len(part.data)
-        if self.part_bytes > messages.MAX_BUNDLE:
+        self.nbytes += len(part.data)
+        if self.nbytes > messages.MAX_BUNDLE:
             raise messages.InvalidMessage("parts add up to more than a bundle may hold")
         self.parts[part.offset] = part.data
         return True
+
+    def end(self, final: messages.Service) -> None:
+        """Note the Service that ends the stream.  Raises InvalidMessage."""
+        self.final = final
+        self.check()
+
+    def check(self) -> None:
+        """Raise InvalidMessage when the parts hold more bytes than the end announced."""
+        if self.final is not None and self.nbytes > self.final.streamed:
+            raise messages.InvalidMessage("more part bytes than the streamed bundle holds")
 
     def joined(self) -> messages.Service | None:
         """Return the streamed reply once every byte has arrived, else None."""
@@ -209,6 +194,62 @@ class _Exchange:
             return None
         self.parts.clear()
         return dataclasses.replace(final, sealed_bundle=b"".join(pieces), streamed=0)
+
+
+async def collect_reply(result: HandlerResult) -> messages.Message | None:
+    """Return what a peer's link would hand its caller for a handler's ``result``.
+
+    A stream is drained and its parts joined.  Raises InvalidMessage for
+    inconsistent parts or a stream that ends before its bytes are all there,
+    LocalProtocolError for a stream with no end.
+    """
+    if result is None or isinstance(result, messages.Message):
+        return result
+    joiner = PartJoiner()
+    async for item in result:
+        if isinstance(item, messages.ServicePart):
+            joiner.add(item)
+            continue
+        if not (isinstance(item, messages.Service) and item.streamed):
+            return item
+        joiner.end(item)
+        whole = joiner.joined()
+        if whole is None:
+            raise messages.InvalidMessage("the stream ended before its parts were all sent")
+        return whole
+    raise LocalProtocolError("a reply stream with no end")
+
+
+class _Exchange:
+    """One request (or one-way message) of ours, until it is answered or fails."""
+
+    __slots__ = (
+        "expect",
+        "future",
+        "generation",
+        "kind",
+        "msg_id",
+        "on_part",
+        "one_way",
+        "part_kind",
+        "parts",
+    )
+
+    def __init__(self, kind: Kind, future: asyncio.Future[messages.Message | None]) -> None:
+        self.kind = kind
+        self.expect = messages.REPLY_KIND.get(kind)
+        self.part_kind = messages.PART_KIND.get(kind)
+        self.future = future
+        self.one_way = False
+        self.msg_id: int | None = None  # the session's id, once queued
+        self.generation = -1  # session instance it was sent in
+        self.on_part: PartListener | None = None
+        self.parts = PartJoiner()  # a streamed reply's parts
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+        self.parts = PartJoiner()
 
 
 @dataclass(frozen=True)
@@ -735,13 +776,13 @@ class Link:
         if isinstance(msg, messages.ServicePart) and msg.KIND is ex.part_kind:
             self._on_part(ex, msg)
         elif isinstance(msg, messages.Service) and msg.KIND is ex.expect and msg.streamed:
-            ex.final = msg
             try:
+                ex.parts.end(msg)
                 self._try_join(ex)
             except messages.InvalidMessage as e:
                 ex.fail(e)
         elif isinstance(msg, messages.Error) or msg.KIND is ex.expect:
-            ex.parts.clear()  # an inline reply replaces whatever was streamed
+            ex.parts = PartJoiner()  # an inline reply replaces whatever was streamed
             ex.future.set_result(msg)
         else:
             ex.fail(
@@ -752,7 +793,7 @@ class Link:
 
     def _on_part(self, ex: _Exchange, part: messages.ServicePart) -> None:
         try:
-            if not ex.add_part(part):
+            if not ex.parts.add(part):
                 self._count("parts_repeated")
                 return
             self._count("parts_received")
@@ -763,9 +804,8 @@ class Link:
             ex.fail(e)
 
     def _try_join(self, ex: _Exchange) -> None:
-        if ex.final is not None and ex.part_bytes > ex.final.streamed:
-            raise messages.InvalidMessage("more part bytes than the streamed bundle holds")
-        whole = ex.joined()
+        ex.parts.check()
+        whole = ex.parts.joined()
         if whole is not None and not ex.future.done():
             ex.future.set_result(whole)
 

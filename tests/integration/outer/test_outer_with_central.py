@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from central_stub import admin
 from central_stub.config import Listen, SerialListener
 from central_stub.gateway import CentralService
 from central_stub.server import CentralServer, tls_server_context
-from central_stub.testing import TempCentral, make_central
+from central_stub.testing import ECHO_DIR, TempCentral, make_central
 from firmware.common.crypto.freshness import SyncVerifier
 from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import RemoteError
 from firmware.common.link import messages as m
+from firmware.common.link.link import collect_reply
 from firmware.common.uplink import UsageRecord, sign_usage_batch
 from firmware.outer.cache import SealedCache
 from firmware.outer.config import DialupConfig, InternetConfig
@@ -35,11 +37,13 @@ from firmware.outer.relay import Relay
 from firmware.outer.uplink import Connector, DialupConnector, Identity, InternetConnector, Uplink
 from host_tools.sim.hayes import HayesConfig
 from host_tools.sim.modem import ModemEmulator
+from provisioning.bundle import build_bundle
 
 pytestmark = [pytest.mark.integration]
 
 NOW = int(time.time())
 NUMBER = "5550100"
+REFERENCE_DIR = ECHO_DIR.parent
 
 
 def closed_port() -> int:
@@ -119,10 +123,14 @@ async def test_relay_through_central_over_tls(tmp_path: Path) -> None:
             verifier.accept_sync_metadata(sync.sealed, NOW)
             verifier.accept_licence_set(sync.sealed_licences, NOW)
 
-            service = await relay.handle(m.FetchService(service="echo", have_version=None))
+            service = await collect_reply(
+                await relay.handle(m.FetchService(service="echo", have_version=None))
+            )
             assert isinstance(service, m.Service)
             verifier.accept_object(service.sealed_bundle, Kind.BUNDLE, "echo", NOW)
-            again = await relay.handle(m.FetchService(service="echo", have_version=None))
+            again = await collect_reply(
+                await relay.handle(m.FetchService(service="echo", have_version=None))
+            )
             assert again == service
             assert relay.counters["cache_hits"] == 1
 
@@ -130,7 +138,9 @@ async def test_relay_through_central_over_tls(tmp_path: Path) -> None:
             assert isinstance(ack, m.UsageAck) and ack.batch_id == "batch-1"
 
             with pytest.raises(RemoteError) as unknown:
-                await relay.handle(m.FetchService(service="nope", have_version=None))
+                await collect_reply(
+                    await relay.handle(m.FetchService(service="nope", have_version=None))
+                )
             assert unknown.value.code == "unknown_service"
             assert uplink.policy.calls == 1  # everything on one call
             assert server.status()["auth_ok"] == 1
@@ -169,10 +179,88 @@ async def test_falls_back_to_dialup_into_centrals_answering_modem(tmp_path: Path
                 DialupConnector(DialupConfig(calling.port_path, dialler)),
             ]
             async with relay_for(central, connectors, tmp_path) as (relay, uplink):
-                reply = await relay.handle(m.FetchService(service="echo", have_version=None))
+                reply = await collect_reply(
+                    await relay.handle(m.FetchService(service="echo", have_version=None))
+                )
                 assert isinstance(reply, m.Service) and reply.sealed_bundle
                 status = uplink.status()
                 assert status["uplink.transport"] == "dialup"
                 assert status["uplink.connect_failures_internet"] == 1
     finally:
         await answering.aclose()
+
+
+def publish_dxf2svg(central: TempCentral) -> int:
+    """Publish and license the 38 KiB dxf2svg bundle; return its sealed size."""
+    bundle = build_bundle(REFERENCE_DIR / "dxf2svg", central.key).to_bytes()
+    admin.publish_service(central.repo, bundle, [central.key.public], now=NOW, actor="test")
+    admin.issue_licence(
+        central.repo,
+        customer_id="acme",
+        service="dxf2svg",
+        valid_from=NOW - 3600,
+        valid_until=NOW + 86400,
+        gateway_id=None,
+        now=NOW,
+        actor="test",
+    )
+    return len(bundle)
+
+
+@pytest.mark.timeout(60)
+async def test_the_relay_passes_a_bundle_on_while_it_still_arrives(tmp_path: Path) -> None:
+    central = make_central(tmp_path / "central", now=NOW)
+    publish_dxf2svg(central)
+    async with central_server(central) as server:
+        port = server.addresses[0][1]
+        net = InternetConnector(InternetConfig("127.0.0.1", port, central.ca_cert), 10.0)
+        async with relay_for(central, [net], tmp_path) as (relay, _):
+            stream = await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+            assert not isinstance(stream, m.Message)
+            items: list[m.Message] = []
+            still_arriving: list[bool] = []
+            async for item in stream:
+                if not items:  # the first part is passed on before central's reply is whole
+                    still_arriving.append(not relay._downloads[("dxf2svg", None)].task.done())
+                items.append(item)
+                if not isinstance(item, m.ServicePart):
+                    break
+            assert still_arriving == [True]
+            *parts, end = items
+            assert len(parts) >= 3 and all(isinstance(p, m.ServicePart) for p in parts)
+            assert isinstance(end, m.Service) and end.streamed > 0 and not end.sealed_bundle
+
+            async def replay() -> AsyncIterator[m.Message]:
+                for item in items:
+                    yield item
+
+            whole = await collect_reply(replay())
+            assert isinstance(whole, m.Service)
+            # the joined bundle is central's, verified and cached whole by the relay
+            assert relay.counters["bundles_streamed"] == 1
+            cached = await collect_reply(
+                await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+            )
+            assert cached == whole
+            assert relay.counters["cache_hits"] == 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_fetch_joins_the_one_under_way(tmp_path: Path) -> None:
+    central = make_central(tmp_path / "central", now=NOW)
+    publish_dxf2svg(central)
+    async with central_server(central) as server:
+        port = server.addresses[0][1]
+        net = InternetConnector(InternetConfig("127.0.0.1", port, central.ca_cert), 10.0)
+        async with relay_for(central, [net], tmp_path) as (relay, _):
+            first = await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+            assert not isinstance(first, m.Message)
+            head = await anext(first)  # the fetch is under way
+            assert isinstance(head, m.ServicePart)
+            second = await collect_reply(
+                await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+            )
+            await first.aclose()  # the first asker went away; the fetch went on
+            assert relay.counters["fetches_joined"] == 1
+            assert isinstance(second, m.Service) and len(second.sealed_bundle) > 10_000
+            assert relay.counters["cache_misses"] == 1  # one fetch from central, not two
