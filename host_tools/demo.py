@@ -30,9 +30,12 @@ project's own commands, in a state directory (temporary unless ``--state``):
 
 3. **Keep power honest.**  The simulated GPIO makes a module whose own supply
    is cut exit with its "power failed" status (outer 3, inner 75); the
-   supervisor records that as ``powered off``, not as a death.  A *power
-   keeper* thread watches the link simulator's power switches and starts a
-   powered-off module again when its power returns, as a Pi boots.
+   supervisor records that as ``powered off``, not as a death.  That is a
+   cut the module was warned of (its power-good line, docs/hardware.md);
+   :meth:`Appliance.cut_power` is one it was not: the module dies at once,
+   mid-write, as a Pi on a bare supply does.  A *power keeper* thread
+   watches the link simulator's power switches and starts a powered-off
+   module again when its power returns, as a Pi boots.
 
 ``optogate demo`` then shows every process's state live until Ctrl-C;
 ``optogate demo --tour`` runs :func:`run_tour` (the steps are in
@@ -96,6 +99,10 @@ EXPIRING_SERVICE: Final = "echo"
 #: The expiring licence ends this long after provisioning: over before the
 #: tour reaches its 402 step (the tour waits out any remainder).
 EXPIRING_AFTER_S: Final = 20
+#: The inner module ships usage when the link comes up and this often
+#: otherwise: rarely, so that a shipment seldom dials in the middle of a
+#: step of the tour.
+USAGE_INTERVAL_S: Final = 600.0
 #: Exit statuses the daemons use when their own supply fails.
 OUTER_POWER_EXIT: Final = 3
 INNER_POWER_EXIT: Final = 75
@@ -160,6 +167,7 @@ class Appliance:
     expiring_after_s: float | None = EXPIRING_AFTER_S
     central_port: int = 0
     modem_busy: int = 0
+    usage_interval_s: float = USAGE_INTERVAL_S
     supervisor: Supervisor | None = None
     power: dict[str, bool] = field(default_factory=lambda: {"a": True, "b": True})
     _keeper: threading.Thread | None = None
@@ -479,9 +487,8 @@ fetch_timeout_s = 600.0
 sync_timeout_s = 120.0
 payment_sync_wait_s = 60.0
 sync_interval_s = 300.0
-# Usage also ships whenever the link comes up; rarely otherwise, so that a
-# shipment seldom dials in the middle of a step of the tour.
-usage_interval_s = 600.0
+# Usage also ships whenever the link comes up.
+usage_interval_s = {float(self.usage_interval_s)!r}
 retry_after_s = 5.0
 
 [runtime]
@@ -504,6 +511,25 @@ control = {json.dumps(self.control)}
         Raises DemoError if the simulator refuses or cannot be reached.
         """
         return link_command(self.control, {"cmd": "power", "side": side, "on": on})
+
+    def cut_power(self, side: str) -> None:
+        """Cut side ``a`` (outer) or ``b`` (inner) off with no warning: the module dies at once.
+
+        Its process group is killed before the simulator's switch turns (so
+        it writes nothing more, and hears nothing of the cut), then the line
+        goes silent and the peer's power-sense input drops.  Switch the side
+        on again with :meth:`set_power`; the power keeper boots it.  Raises
+        DemoError if the simulator refuses, LaunchError if the module is
+        not running.
+        """
+        name = next(n for n, s in SIDE_OF.items() if s == side)
+        sup = self.supervisor
+        if sup is None or not sup.processes[name].alive():
+            raise LaunchError(f"{name} is not running")
+        # The keeper must not boot the module again before its power returns.
+        self.power[side] = False
+        sup.power_off(name)
+        self.set_power(side, False)
 
     def _keep_power(self) -> None:
         """Follow the simulator's power switches; boot a powered-off module when power returns."""
@@ -655,13 +681,15 @@ def appliance(
     on_change: Callable[[Managed], None] | None = None,
     expiring_after_s: float | None = EXPIRING_AFTER_S,
     modem_busy: int = 0,
+    usage_interval_s: float = USAGE_INTERVAL_S,
 ) -> Iterator[Appliance]:
     """Provision and start an appliance; stop it (and remove a temporary state) on exit.
 
     ``expiring_after_s`` is how long after provisioning the ``echo`` licence
     ends (None: a year, like the others); the gateway's modem answers the
-    first ``modem_busy`` dials BUSY.  Raises DemoError or LaunchError
-    when it cannot be provisioned or started.
+    first ``modem_busy`` dials BUSY; the inner module ships usage every
+    ``usage_interval_s`` seconds besides whenever its link comes up.  Raises
+    DemoError or LaunchError when it cannot be provisioned or started.
     """
     temporary = state is None
     state_dir = Path(tempfile.mkdtemp(prefix="optogate-demo-")) if state is None else state
@@ -673,6 +701,7 @@ def appliance(
         on_change=on_change,
         expiring_after_s=expiring_after_s,
         modem_busy=modem_busy,
+        usage_interval_s=usage_interval_s,
     )
     try:
         if not (app.state_dir / "api-key").exists():

@@ -24,7 +24,9 @@ count as events too).  When a process exits the reader records how:
 * ``stopped``: the supervisor stopped it;
 * ``powered off``: it exited with its spec's ``power_exit`` status (the
   daemons exit with a distinct status when their own supply fails, as the
-  simulated GPIO tells them) - a state, not a failure;
+  simulated GPIO tells them), or its supply was cut without warning
+  (:meth:`Supervisor.power_off`: the whole group killed at once) - a state,
+  not a failure;
 * ``died``: anything else.  A death is never hidden: it is kept in
   :attr:`Supervisor.deaths` (with the tail of its stderr) and reported to
   the ``on_change`` callback.
@@ -112,6 +114,7 @@ class Managed:
     reader: threading.Thread | None = None
     err_reader: threading.Thread | None = None
     stopping: bool = False
+    unpowered: bool = False
 
     @property
     def pid(self) -> int:
@@ -284,7 +287,9 @@ class Supervisor:
         managed.exit_code = code
         if managed.stopping:
             managed.state = "stopped"
-        elif managed.spec.power_exit is not None and code == managed.spec.power_exit:
+        elif managed.unpowered or (
+            managed.spec.power_exit is not None and code == managed.spec.power_exit
+        ):
             managed.state = "powered off"
         else:
             managed.state = "died"
@@ -359,6 +364,18 @@ class Supervisor:
     def kill(self, name: str) -> None:
         """SIGKILL ``name``'s whole group at once (a fault to inject); it counts as a death."""
         _signal_group(self.processes[name].pid, signal.SIGKILL)
+
+    def power_off(self, name: str) -> None:
+        """Cut ``name``'s supply with no warning: SIGKILL its whole group at once.
+
+        Nothing it has not yet written reaches the disk, as on a Pi whose
+        plug is pulled; the exit is recorded as ``powered off``, not a death.
+        """
+        managed = self.processes[name]
+        if managed.spec.power_exit is None:
+            raise LaunchError(f"{name} has no power supply of its own")
+        managed.unpowered = True
+        _signal_group(managed.pid, signal.SIGKILL)
 
     def stop_all(self, grace: float | None = None) -> None:
         """Stop every process in reverse start order."""

@@ -94,6 +94,27 @@ def test_the_power_exit_status_is_powered_off_not_a_death(tmp_path: Path) -> Non
     assert sup.deaths == []
 
 
+def test_a_power_cut_without_warning_kills_the_group_and_is_powered_off(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path)
+    try:
+        first = sup.start(ProcessSpec("inner", DAEMON, log_event("ready"), power_exit=75))
+        sup.power_off("inner")
+        assert sup.wait_exit("inner", 10) == -signal.SIGKILL
+        assert first.state == "powered off"
+        assert sup.deaths == []
+        again = sup.restart("inner")
+        assert again.state == "running" and not again.unpowered
+        sup.kill("inner")  # a kill is still a death
+        sup.wait_exit("inner", 10)
+        assert again.state == "died"
+        sup.start(ProcessSpec("link", SIM, first_json_line("port")))
+        with pytest.raises(LaunchError, match="no power supply"):
+            sup.power_off("link")
+    finally:
+        sup.stop_all()
+    assert [d.name for d in sup.deaths] == ["inner"]
+
+
 def test_exit_before_ready_and_silence_are_launch_errors(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path)
     try:
