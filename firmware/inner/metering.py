@@ -267,9 +267,17 @@ class UsageJournal:
         segments = self._segments()
         batches = [n for n, _ in self._batches()]
         self._segment = max([*segments, *batches, 0]) + 1
-        for n in segments:
-            self._batch_segment(n)
+        # The new segment exists on disk before the old ones are batched and
+        # deleted: at every instant the highest number ever used is on disk,
+        # so an open cut short by a power cut never numbers a segment again
+        # (a reused batch id with other records is refused by central).
         self._open_segment()
+        try:
+            for n in segments:
+                self._batch_segment(n)
+        except BaseException:
+            self._close_fd()
+            raise
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -285,6 +293,9 @@ class UsageJournal:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
