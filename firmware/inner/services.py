@@ -13,7 +13,11 @@ leaves the old version in force or the new one complete, never a half
 installed one.  Older version directories are removed after the switch.
 On start :meth:`ServiceStore.installed` re-parses each ``bundle.cbor``
 (``provisioning.bundle.load_bundle`` checks its digest), so a damaged file
-is dropped and fetched again rather than run.
+is dropped and fetched again rather than run.  It first clears what an
+interrupted install or removal left: temporary directories and files,
+version directories not in force, and a service directory with no
+``current.json`` at all (nothing in it was ever in force), so the leftovers
+of a power cut do not pile up on the SD card.
 
 In memory a :class:`LoadedService` is one version with its warm runtime and
 its compiled parameter schema.  Calls hold a reference while they run
@@ -78,11 +82,17 @@ class ServiceStore:
         return self._root / name
 
     def installed(self) -> list[Installed]:
-        """Return every service in force on disk; damaged ones are skipped (never raises)."""
+        """Return every service in force on disk; damaged ones are skipped (never raises).
+
+        Call it only while no install runs (the daemon's start): it clears the
+        leftovers of interrupted installs (see the module docstring).
+        """
         out: list[Installed] = []
         if not self._root.is_dir():
             return out
         for sdir in sorted(self._root.iterdir()):
+            with contextlib.suppress(OSError):
+                self._clear_leftovers(sdir)
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError, BundleError):
                 version = json.loads((sdir / CURRENT_FILE).read_bytes())["version"]
                 vdir = sdir / f"v{int(version)}"
@@ -90,6 +100,27 @@ class ServiceStore:
                 if bundle.manifest.name == sdir.name:
                     out.append(Installed(sdir.name, int(version), bundle, vdir / FILES_DIR))
         return out
+
+    def _clear_leftovers(self, sdir: Path) -> None:
+        """Remove from ``sdir`` whatever is not the version in force.  Raises OSError."""
+        if not sdir.is_dir():
+            return
+        current = sdir / CURRENT_FILE
+        if not current.exists():
+            # An interrupted first install, or an interrupted remove: nothing here is in force.
+            shutil.rmtree(sdir)
+            return
+        try:
+            keep = f"v{int(json.loads(current.read_bytes())['version'])}"
+        except (ValueError, KeyError, TypeError):
+            return  # unreadable: leave everything as it is (load skips the service)
+        for child in sdir.iterdir():
+            if child.name in (CURRENT_FILE, keep):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     def install(self, bundle: Bundle, raw: bytes, version: int) -> Installed:
         """Install ``bundle`` (``raw`` its encoded bytes) as ``version`` and put it in force.
