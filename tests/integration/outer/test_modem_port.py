@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import serial
+from cobs import cobs
 
 from firmware.common.adapters.tcp import serve_tcp
 from firmware.common.adapters.transport import Transport
@@ -16,7 +19,7 @@ from firmware.common.errors import LinkClosed, LinkDown, LinkError, PortError
 from firmware.common.link import messages as m
 from firmware.common.link.link import Link
 from firmware.common.link.session import Role, SessionConfig
-from firmware.outer.modem.dialler import DiallerConfig, State
+from firmware.outer.modem.dialler import NO_CARRIER_BYTES, DiallerConfig, State
 from firmware.outer.modem.errors import (
     Busy,
     CallAbandoned,
@@ -414,3 +417,122 @@ async def test_modem_left_online_by_a_crashed_predecessor() -> None:
             conn.write(b"fresh call")
             assert await read_exactly(conn, 10) == b"fresh call"
             assert modem.core.statistics()["connects"] == 2
+
+
+def frame(payload: bytes) -> bytes:
+    """A frame as the link puts it on the wire: 0x00 COBS(payload) 0x00."""
+    return b"\x00" + cast(bytes, cobs.encode(payload)) + b"\x00"
+
+
+@pytest.mark.timeout(30)
+async def test_link_reports_an_in_band_drop_as_carrier_loss_while_we_keep_sending() -> None:
+    """The emulator drops the call after N bytes in the middle of a bulk transfer
+    from us whose frames carry the NO CARRIER text: the session keeps writing
+    data frames, yet the dialler recognises the modem's NO CARRIER, so the
+    session goes down because the carrier was lost, not because keepalives
+    stopped, and the hang-up after it needs nothing from the modem."""
+
+    async def digest(msg: m.Message) -> m.Message | None:
+        assert isinstance(msg, m.LinkData)
+        return m.LinkDigest(sha256=hashlib.sha256(msg.chunk).digest(), nbytes=len(msg.chunk))
+
+    async def central(transport: Transport) -> None:
+        link = Link(transport, SessionConfig(role=Role.SERVER, baud=33600), rng=random.Random(1))
+        with contextlib.suppress(LinkError, PortError):
+            await link.serve(digest)
+        with contextlib.suppress(LinkError, PortError):
+            await link.aclose()
+
+    server = await serve_tcp("127.0.0.1", 0, central)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        async with rig(address=f"{host}:{port}", speed=33600, no_carrier_after=6000) as (
+            modem,
+            conn,
+        ):
+            await conn.dial()
+            link = Link(
+                ModemTransport(conn),
+                SessionConfig(role=Role.CLIENT, baud=33600),
+                rng=random.Random(2),
+            )
+            try:
+                await link.wait_up(10)
+                # the text, many times, in frames that fill the line for ~6 s
+                chunk = (b"\x00data" + NO_CARRIER_BYTES) * 1000
+                bulk = m.LinkData(chunk=chunk, index=0, last=True)
+                with pytest.raises(LinkDown):
+                    await link.request(bulk, expect=m.LinkDigest, timeout=20)
+                # the session went down because the carrier was lost
+                lost_when_down = conn.carrier_lost.is_set()
+            finally:
+                with contextlib.suppress(LinkDown):  # the failure, reported once more
+                    await link.aclose()
+            assert lost_when_down
+            assert conn.state is State.IDLE
+            assert conn.statistics()["carrier_losses"] == 1
+            # the hang-up after the drop: nothing to do, the modem is on hook
+            assert modem.core.statistics()["escapes"] == 0
+            assert modem.core.state.value == "command"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.timeout(20)
+async def test_a_frame_ending_with_the_text_then_a_pause_is_not_a_drop() -> None:
+    """The far end sends a frame whose last bytes before its delimiter are the
+    text, then falls silent until the dialler has judged it: data."""
+    tricky = frame(b"payload" + NO_CARRIER_BYTES)
+    later = frame(b"next")
+    quiet = asyncio.Event()
+
+    async def far_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(frame(b"hello")))
+        writer.write(tricky)
+        await writer.drain()
+        await quiet.wait()
+        writer.write(later)
+        await writer.drain()
+        await reader.read()  # until the call ends
+        writer.close()
+
+    server = await asyncio.start_server(far_end, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        async with rig(address=f"{host}:{port}") as (_, conn):
+            await conn.dial()
+            conn.write(frame(b"hello"))  # so a lone 0x00 could be our echo
+            # held while the far end stays silent, then judged to be data
+            assert await read_exactly(conn, len(tricky)) == tricky
+            assert conn.statistics()["false_no_carrier"] == 1
+            assert conn.state is State.ONLINE
+            assert not conn.carrier_lost.is_set()
+            quiet.set()
+            assert await read_exactly(conn, len(later)) == later
+            assert conn.statistics()["carrier_losses"] == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.timeout(20)
+async def test_hangup_of_a_modem_that_dropped_unnoticed_is_clean() -> None:
+    """With numeric results the drop ("3\\r") cannot be told from data and the
+    dialler stays online; the hang-up's +++ is then echoed by a modem already
+    in command state, and ATH0 settles it cleanly."""
+    config = fast_config(init_string="ATQ0 V0 E1 S0=0 &C1 &D2 S12=10")
+    async with rig(config, no_carrier_after=300) as (modem, conn):
+        await conn.dial()
+        conn.write(bytes(1000))
+        await conn.drain()
+        got = bytearray()
+        while not got.endswith(b"3\r"):  # the numeric NO CARRIER, passed on as data
+            got += await asyncio.wait_for(conn.read(), 5)
+        assert modem.core.state.value == "command"
+        state_before = conn.state
+        await conn.hangup()  # raises ModemTimeout if unclean
+        assert state_before is State.ONLINE  # the dialler had nothing to recognise
+        assert conn.state is State.IDLE
+        assert modem.core.statistics()["escapes"] == 0  # it was never online to escape
+        assert modem.core.state.value == "command"
