@@ -49,7 +49,14 @@ from firmware.inner.services import ServiceStore
 from firmware.inner.trusted_time import TrustedTimeStore
 from firmware.outer.cache import SealedCache, digest_of
 from host_tools.client import Client, GatewayError
-from host_tools.demo import Appliance, DemoError, appliance, optogate_argv, worker_python
+from host_tools.demo import (
+    Appliance,
+    DemoError,
+    appliance,
+    free_port,
+    optogate_argv,
+    worker_python,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -185,7 +192,12 @@ def test_sigkill_each_daemon_at_random_moments_keeps_state_consistent(state: Pat
     why = f"crash seed {seed} (replay: OPTOGATE_CRASH_SEED={seed})"
     rng = random.Random(seed)
     payments: list[str] = []
-    with replaying(why), appliance(state, internet=True, expiring_after_s=None) as app:
+    # A port of its own: another appliance on this machine may hold the usual one.
+    port = free_port()
+    with (
+        replaying(why),
+        appliance(state, internet=True, expiring_after_s=None, api_port=port) as app,
+    ):
         sup = app.supervisor
         assert sup is not None
         licence = app.licences["dxf2svg"]
