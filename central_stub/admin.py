@@ -626,13 +626,21 @@ def revoke_client_key(repo: Repository, key_id: str, *, now: int, actor: str) ->
 
 @dataclass(frozen=True)
 class UsageLine:
-    """One line of a usage report: a service's calls and units in the month."""
+    """One line of a usage report: a service's calls, units and traffic in the month.
+
+    ``failed`` counts the calls whose outcome was not "ok"; ``duration_ms``
+    is the time all calls took; the bytes are request and answer bodies.
+    """
 
     service: str
     licence_id: str
     gateway_id: str
     calls: int
     units: int
+    failed: int = 0
+    duration_ms: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 def usage_report(repo: Repository, customer_id: str, month: str) -> list[UsageLine]:
@@ -646,12 +654,16 @@ def usage_report(repo: Repository, customer_id: str, month: str) -> list[UsageLi
     totals: dict[tuple[str, str, str], list[int]] = {}
     rows: list[UsageRow] = tx.list_usage(customer_id, start, end)
     for row in rows:
-        entry = totals.setdefault((row.service, row.licence_id, row.gateway_id), [0, 0])
+        entry = totals.setdefault((row.service, row.licence_id, row.gateway_id), [0] * 6)
         entry[0] += 1
         entry[1] += row.units
+        entry[2] += row.outcome != "ok"
+        entry[3] += row.duration_ms
+        entry[4] += row.bytes_in
+        entry[5] += row.bytes_out
     return [
-        UsageLine(service, licence, gateway, calls, units)
-        for (service, licence, gateway), (calls, units) in sorted(totals.items())
+        UsageLine(service, licence, gateway, *counts)
+        for (service, licence, gateway), counts in sorted(totals.items())
     ]
 
 

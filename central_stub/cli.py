@@ -285,8 +285,31 @@ def execute(args: argparse.Namespace, now: int, actor: str) -> str:
         )
     if command == "usage":
         lines = admin.usage_report(repo, args.customer, args.month)
-        rows = [[u.service, u.licence_id, u.gateway_id, str(u.calls), str(u.units)] for u in lines]
-        head = ["service", "licence", "gateway", "calls", "units"]
+        rows = [
+            [
+                u.service,
+                u.licence_id,
+                u.gateway_id,
+                str(u.calls),
+                str(u.units),
+                str(u.failed),
+                f"{u.duration_ms / 1000:.3f}",
+                str(u.bytes_in),
+                str(u.bytes_out),
+            ]
+            for u in lines
+        ]
+        head = [
+            "service",
+            "licence",
+            "gateway",
+            "calls",
+            "units",
+            "failed",
+            "seconds",
+            "bytes_in",
+            "bytes_out",
+        ]
         return _csv(rows, head) if args.csv else _table(rows, head)
     if command == "audit":
         if args.limit is not None and args.limit < 1:

@@ -526,6 +526,10 @@ class GatewayConnection:
                     credential=r.credential,
                     at=r.at,
                     units=r.units,
+                    duration_ms=r.duration_ms,
+                    outcome=r.outcome,
+                    bytes_in=r.bytes_in,
+                    bytes_out=r.bytes_out,
                 )
                 for r in batch.records
             ]

@@ -170,7 +170,11 @@ class UsageBatchRecord:
 
 @dataclass(frozen=True)
 class UsageRow:
-    """One usage record, attributed to the customer owning the gateway."""
+    """One usage record, attributed to the customer owning the gateway.
+
+    The last four fields came with usage format 2; rows stored before have
+    their defaults.
+    """
 
     gateway_id: str
     batch_id: str
@@ -180,6 +184,10 @@ class UsageRow:
     credential: str
     at: int
     units: int
+    duration_ms: int = 0
+    outcome: str = "ok"
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,9 @@ __all__ = [
 AUTH_CONTEXT: Final = b"optogate uplink auth v1\x00"
 #: Domain separation of the inner module's usage-batch signature.
 USAGE_CONTEXT: Final = b"optogate usage batch v1\x00"
-#: Format number of the usage batch body and of the usage ack payload.
-USAGE_FORMAT: Final = 1
+#: Format number of the usage batch body and of the usage ack payload
+#: (2: records carry duration, outcome and bytes in and out).
+USAGE_FORMAT: Final = 2
 #: A batch id is a name on the wire (UsageAck.batch_id is text 1..128).
 MAX_BATCH_ID: Final = 128
 #: Names inside records (services, licence ids) are at most this many bytes.
@@ -85,7 +86,21 @@ MAX_INT: Final = 2**63 - 1
 _MAX_DEPTH: Final = 8
 
 _HASH_RE: Final = re.compile(r"[0-9a-f]{64}")
-_RECORD_KEYS: Final = frozenset({"at", "service", "licence", "credential", "units"})
+_RECORD_KEYS: Final = frozenset(
+    {
+        "at",
+        "service",
+        "licence",
+        "credential",
+        "units",
+        "duration_ms",
+        "outcome",
+        "bytes_in",
+        "bytes_out",
+    }
+)
+#: An outcome is a stable code: "ok" or the API's error code.
+_OUTCOME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _BODY_KEYS: Final = frozenset({"format", "gateway", "batch_id", "created", "records"})
 _ACK_KEYS: Final = frozenset({"format", "gateway", "batch_id", "sha256", "records"})
 
@@ -114,13 +129,23 @@ class InvalidUsageBatch(MessageError):
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """One metered call: when, which service under which licence, by which key, how much."""
+    """One metered call: when, which service under which licence, by which key, how much.
+
+    ``units`` is what is billed (1 for a call that succeeded, else 0);
+    ``outcome`` is "ok" or the API's error code; ``duration_ms`` the time
+    from the request to the answer; ``bytes_in`` and ``bytes_out`` the
+    request and answer bodies.
+    """
 
     at: int
     service: str
     licence: str
     credential: str
     units: int
+    duration_ms: int = 0
+    outcome: str = "ok"
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +173,10 @@ def _body(gateway: str, batch_id: str, created: int, records: list[UsageRecord])
                     "licence": r.licence,
                     "credential": r.credential,
                     "units": r.units,
+                    "duration_ms": r.duration_ms,
+                    "outcome": r.outcome,
+                    "bytes_in": r.bytes_in,
+                    "bytes_out": r.bytes_out,
                 }
                 for r in records
             ],
@@ -211,6 +240,9 @@ def _parse_body(body: bytes) -> tuple[str, str, int, tuple[UsageRecord, ...]]:
         credential = _text(item["credential"], "credential", 64)
         if not _HASH_RE.fullmatch(credential):
             raise InvalidUsageBatch("credential must be a SHA-256 hex digest")
+        outcome = _text(item["outcome"], "outcome", 64)
+        if not _OUTCOME_RE.fullmatch(outcome):
+            raise InvalidUsageBatch("outcome must be a code such as ok or algorithm_timeout")
         records.append(
             UsageRecord(
                 at=_uint(item["at"], "at"),
@@ -218,6 +250,10 @@ def _parse_body(body: bytes) -> tuple[str, str, int, tuple[UsageRecord, ...]]:
                 licence=_text(item["licence"], "licence"),
                 credential=credential,
                 units=_uint(item["units"], "units"),
+                duration_ms=_uint(item["duration_ms"], "duration_ms"),
+                outcome=outcome,
+                bytes_in=_uint(item["bytes_in"], "bytes_in"),
+                bytes_out=_uint(item["bytes_out"], "bytes_out"),
             )
         )
     return gateway, batch_id, created, tuple(records)

@@ -100,6 +100,10 @@ class UsageEntry:
             licence=self.licence,
             credential=self.credential,
             units=1 if self.outcome == "ok" else 0,
+            duration_ms=self.duration_ms,
+            outcome=self.outcome,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
         )
 
 

@@ -285,9 +285,11 @@ def test_client_key_is_printed_once_and_stored_as_hash(
 def test_usage_report_table_csv_and_errors(run: Run, state: Path, ready: dict[str, Path]) -> None:
     rc, out, _ = run("usage", "report", "--customer", "acme", "--month", "2026-11")
     assert rc == 0
-    assert out.split() == ["service", "licence", "gateway", "calls", "units"]
+    head = ["service", "licence", "gateway", "calls", "units", "failed", "seconds", "bytes_in",
+            "bytes_out"]  # fmt: skip
+    assert out.split() == head
     rc, out, _ = run("usage", "report", "--customer", "acme", "--month", "2026-11", "--csv")
-    assert next(csv.reader(io.StringIO(out))) == ["service", "licence", "gateway", "calls", "units"]
+    assert next(csv.reader(io.StringIO(out))) == head
     _refused(run, state, "usage", "report", "--customer", "acme", "--month", "2026-13",
              says="bad month")  # fmt: skip
     _refused(run, state, "usage", "report", "--customer", "zed", "--month", "2026-11",

@@ -199,7 +199,8 @@ def _batch(central: TempCentral, batch_id: str, units: int = 1, gateway: str = "
         gateway=gateway,
         batch_id=batch_id,
         created=NOW,
-        records=[UsageRecord(NOW, "echo", "lic-000001", key_hash, units)] * 3,
+        records=[UsageRecord(NOW, "echo", "lic-000001", key_hash, units, 12, "ok", 100, 40)] * 2
+        + [UsageRecord(NOW, "echo", "lic-000001", key_hash, 0, 5000, "algorithm_timeout", 7, 0)],
     )
 
 
@@ -221,7 +222,10 @@ def test_usage_is_stored_exactly_once_and_acknowledged_signed(central: TempCentr
     assert replay.sealed_ack == ack.sealed_ack  # the same ack, nothing new stored
     month = time.strftime("%Y-%m", time.gmtime(NOW))
     lines = admin.usage_report(central.repo, "acme", month)
-    assert [(u.calls, u.units) for u in lines] == [(3, 3)]
+    # the failed call is a call, not a unit; its duration and bytes are reported
+    assert [
+        (u.calls, u.units, u.failed, u.duration_ms, u.bytes_in, u.bytes_out) for u in lines
+    ] == [(3, 2, 1, 5024, 207, 80)]
     actions = _audit_actions(central)
     assert actions.count("usage.store") == 1
     assert actions.count("usage.duplicate") == 1

@@ -81,6 +81,17 @@ def test_usage_batch_refuses_another_key_and_bad_fields() -> None:
         _batch(gateway="")
 
 
+def test_usage_records_carry_duration_outcome_and_bytes() -> None:
+    failed = UsageRecord(7, "dxf2svg", "lic-2", "a" * 64, 0, 5003, "algorithm_timeout", 900, 0)
+    batch = verify_usage_batch(_batch(records=[RECORD, failed]), KEY.public)
+    assert batch.records == (RECORD, failed)
+    for bad in ("OK", "", "x" * 65, "timed out"):
+        with pytest.raises(InvalidUsageBatch, match="outcome"):
+            _batch(records=[UsageRecord(1, "echo", "lic", "a" * 64, 0, 1, bad, 0, 0)])
+    with pytest.raises(InvalidUsageBatch, match="bytes_in"):
+        _batch(records=[UsageRecord(1, "echo", "lic", "a" * 64, 0, 1, "ok", -1, 0)])
+
+
 def test_usage_batch_must_be_canonical() -> None:
     body, sig = cbor2.loads(_batch())
     # the same content with an indefinite-length wrapper: not canonical
