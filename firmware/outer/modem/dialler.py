@@ -724,11 +724,17 @@ class Dialler:
     def _echo_starts_for(self, rest: bytes) -> list[int] | None:
         """Return where in our recent output an echo equal to ``rest`` (so far)
         could begin: at the start of one of our frames.  None if nowhere."""
+        if rest and rest[0] != 0:
+            return None  # cheap and common: text inside a frame runs on
         sent = self._sent
-        starts = [k for k in range(len(sent) - 1) if sent[k] == 0 and sent[k + 1] != 0]
+        starts = []
+        at = sent.find(rest[:1] or b"\x00")
+        while at >= 0:
+            if at + 1 < len(sent) and sent[at + 1] != 0 and sent.startswith(rest, at):
+                starts.append(at)
+            at = sent.find(b"\x00", at + 1)
         if not rest:
             return starts
-        starts = [k for k in starts if sent[k : k + len(rest)] == rest]
         return starts or None
 
     def _after_no_carrier(self, data: bytes, now: float) -> None:
