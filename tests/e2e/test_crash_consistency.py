@@ -110,6 +110,7 @@ class Caller:
         self.app = app
         self.answered = 0
         self.failed = 0
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="e2e-caller")
 
@@ -121,13 +122,23 @@ class Caller:
         self._stop.set()
         self._thread.join(60)
         assert not self._thread.is_alive(), "the caller did not stop"
+        if self.error is not None:
+            raise self.error
 
     def _run(self) -> None:
+        try:
+            self._calls()
+        except BaseException as e:  # reaches the test through __exit__
+            self.error = e
+
+    def _calls(self) -> None:
         while not self._stop.is_set():
             try:
                 with Client(self.app.url, self.app.api_key, self.app.ca_file, max_wait=0) as gw:
                     while not self._stop.is_set():
-                        assert gw.call("echo", {"n": self.answered}, b"x").data == b"x"
+                        data = gw.call("echo", {"n": self.answered}, b"x").data
+                        if data != b"x":
+                            raise AssertionError(f"echo answered {data!r}")
                         self.answered += 1
             except GatewayError:
                 # The inner module died under the call, or is starting: the
