@@ -728,7 +728,7 @@ class Dialler:
             return None  # cheap and common: text inside a frame runs on
         sent = self._sent
         starts = []
-        at = sent.find(rest[:1] or b"\x00")
+        at = sent.find(b"\x00")
         while at >= 0:
             if at + 1 < len(sent) and sent[at + 1] != 0 and sent.startswith(rest, at):
                 starts.append(at)
