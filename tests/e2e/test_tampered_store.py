@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -45,6 +46,7 @@ from host_tools.demo import (
     DemoError,
     appliance,
     free_port,
+    optogate_argv,
     worker_python,
 )
 
@@ -58,6 +60,8 @@ SEALED_S = 60.0
 #: A refusal reaches the caller within seconds once the outer module is
 #: connected to central again.
 MET_S = 60.0
+#: ``optogate call`` starts in a second or two.
+COMMAND_S = 60.0
 
 
 @pytest.fixture(autouse=True)
@@ -198,6 +202,19 @@ def test_bundle_tampered_at_rest_is_refused_then_repaired() -> None:
         )
         assert "could not be built" in str(error)
         assert '"service":"echo"' in _log(app, "inner")[before:]
+        _nothing_installed(app)
+        # What `optogate call` shows a script: exit status 8 and the error as JSON.
+        done = subprocess.run(
+            optogate_argv(
+                "call", "echo", "--json", "--max-wait", "0", "--url", app.url,
+                "--api-key", app.api_key, "--ca", str(app.ca_file),
+            ),
+            capture_output=True, text=True, timeout=COMMAND_S, check=False,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert done.returncode == 8, (done.returncode, done.stdout, done.stderr)
+        shown = json.loads(done.stdout)
+        assert (shown["ok"], shown["status"], shown["code"]) == (False, 503, "unavailable"), shown
         _nothing_installed(app)
         # The operator restores the outer module.
         sup.stop("outer")
