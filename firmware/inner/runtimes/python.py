@@ -12,9 +12,22 @@ operator's log and never to the caller.
 :class:`PythonRuntime` keeps ``pool_size`` *slots*.  A slot holds a warm worker
 (a process running :mod:`firmware.inner.runtimes.pyworker`, which has already
 confined itself and imported the bundle), or the task starting its
-replacement, or nothing (filled on first use).  Invocations take slots in
-strict arrival order (a FIFO of waiters: N concurrent calls on M workers are
-served first come, first served) and give them back when done.
+replacement, or nothing (filled when a call needs it).  Invocations join one
+queue in arrival order; once per turn of the event loop, and whenever a
+worker answers its last call, the queue is *dispatched*: each free worker
+(no call unanswered) takes the oldest calls.  It takes one call at a time
+while the service's calls are long, so N concurrent calls on M workers are
+served first come, first served.  While they are short (the run times the
+workers report average under ``BATCH_BELOW_S``) one free worker takes up to
+``MAX_BATCH_CALLS`` queued calls in a single write, a *batch*, before the
+next free worker is used: on a small machine the system calls and process
+wake-ups of a round trip per call cost more than a short algorithm, and a
+batch pays them once.  The worker runs a batch's calls in order and answers
+each as soon as it is done, so the oldest unanswered call of a worker is
+always the one running, and its time limit runs from when it started (the
+batch was sent, or the call before it was answered).  The daemon end of each
+worker's socket is an :class:`asyncio.Protocol`: replies are handled as they
+are read, with one timer per worker for the running call.
 
 Workers are started with ``asyncio.create_subprocess_exec`` running
 ``python -I -B -u pyworker.py FD``, not with ``multiprocessing``: ``-I`` keeps
@@ -29,7 +42,7 @@ network namespace, and an unprivileged user when the daemon runs as root (the
 steps are listed in :mod:`~firmware.inner.runtimes.pyworker`, with the wire
 format).
 
-One call is a round trip on the socket under the manifest's ``timeout_s``:
+What a reply means (:func:`interpret_reply`):
 
 * ``ok`` -> :class:`Outcome`; ``error`` -> :class:`AlgorithmError`; both keep
   the worker.
@@ -42,18 +55,20 @@ One call is a round trip on the socket under the manifest's ``timeout_s``:
   (``os.kill(os.getpid(), 9)``, the kernel's OOM killer): crashed; SIGXCPU ->
   :class:`AlgorithmTimeout`; timeout -> the process group is killed,
   :class:`AlgorithmTimeout`.  In all these cases the worker is replaced: the
-  old one is killed at once, and a task reaps it and starts a new one; that
-  task stays in the slot, and the next call taking the slot awaits it, so a
-  failure to start the replacement reaches that caller as
-  :class:`RuntimeUnavailable` (and :meth:`PythonRuntime.aclose` collects it
-  if nobody called).
-* A cancelled call (the client went away) also replaces its worker, whose
-  state is then unknown.
+  old one is killed at once (after its exit status is read, for an end of
+  file), the calls it had been sent but had not started go back to the head
+  of the queue (a worker runs nothing after a crash reply, so none of them
+  ran), and a task reaps the old worker and starts a new one in the slot.
+  A failure to start it reaches the oldest call left waiting as
+  :class:`RuntimeUnavailable` (or the next call that needs the slot, if none
+  was waiting; :meth:`PythonRuntime.aclose` collects it if nobody called).
+* A cancelled call (the client went away) that is running replaces its
+  worker, whose state is then unknown; one still queued is dropped; one sent
+  in a batch but not started yet runs, and its reply is dropped.
 
-:meth:`PythonRuntime.aclose` refuses new calls, fails the queued ones, kills
-every worker, waits for calls in flight to come back (they fail with
-:class:`RuntimeUnavailable`), reaps every process and removes the working
-directory.
+:meth:`PythonRuntime.aclose` refuses new calls, fails the queued ones and
+those in flight (:class:`RuntimeUnavailable`), kills and reaps every worker
+and removes the working directory.
 
 Deployment notes: when the daemon runs as root the workers run as
 ``PythonRuntimeConfig.user`` (default ``nobody``), so the service directory
@@ -70,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pwd
@@ -118,6 +134,27 @@ DEFAULT_STARTUP_TIMEOUT_S = 30.0
 # After the socket reaches end of file, how long to wait for the exit status
 # (to tell SIGXCPU from a crash).  The process is gone or going; this is short.
 EXIT_STATUS_WAIT_S = 1.0
+
+# Batching.  When calls queue up, a free worker takes up to MAX_BATCH_CALLS of
+# them in one write (and at most MAX_BATCH_BYTES of frames; a larger call goes
+# alone, since what a worker buffers counts against its memory limit).  It
+# saves the system calls and, above all, the process wake-ups of a round trip
+# per call: on a busy 2-core machine they cost more than a short algorithm.
+MAX_BATCH_CALLS = 16
+MAX_BATCH_BYTES = 256 * 1024
+
+# Calls are batched only while the average run time the workers report stays
+# below this.  For longer calls the round trip is a small part of the cost,
+# and sending calls one at a time keeps a long call from holding up others
+# queued behind it on its worker while another worker is free.
+BATCH_BELOW_S = 0.002
+
+# Weight of the newest run time in that (exponential moving) average.
+RUN_TIME_WEIGHT = 0.2
+
+# A timer of the event loop may fire this much before its deadline; a call
+# this close to its deadline is over it.
+TIMER_SLACK_S = 0.001
 
 # Output an algorithm prints is logged for the operator up to this many bytes
 # per worker; the rest is counted, so a chatty algorithm cannot flood the log.
@@ -235,50 +272,121 @@ class _WorkerGone(Exception):
     """The worker's socket reached end of file or broke."""
 
 
-class _Worker:
-    """One worker process and its socket (adapter; created by PythonRuntime._spawn)."""
+class _Call:
+    """One invocation on its way: queued, then in a worker's line, then answered.
+
+    ``future`` receives the call's :class:`Verdict`; ``started`` is when it
+    became the oldest unanswered call of its worker (the one running).
+    """
+
+    __slots__ = ("call_id", "data", "future", "head", "pid", "sent", "started", "worker")
+
+    def __init__(
+        self, call_id: int, head: bytes, data: bytes, future: asyncio.Future[Verdict]
+    ) -> None:
+        self.call_id = call_id
+        self.head = head
+        self.data = data
+        self.future = future
+        self.started = 0.0
+        self.worker: _Worker | None = None
+        self.pid = 0
+        self.sent = False
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.data)
+
+
+class _Worker(asyncio.Protocol):
+    """One worker process and its socket (adapter; created by PythonRuntime._spawn).
+
+    The socket is driven as a protocol: every complete reply is handed to the
+    runtime from ``data_received``, with no task in between.  ``line`` holds
+    the calls sent and not yet answered, oldest first; the worker runs them
+    in that order, so ``line[0]`` is the one running.
+    """
 
     def __init__(
         self,
         process: asyncio.subprocess.Process,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         max_frame: int,
         service: str,
+        runtime: PythonRuntime,
     ) -> None:
         self.process = process
         self.pid = process.pid
         self.facts: dict[str, Any] = {}
-        self._reader = reader
-        self._writer = writer
+        self.line: deque[_Call] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.slot: _Slot | None = None
+        self.retired = False
+        self._runtime = runtime
         self._decoder = pyworker.FrameDecoder(max_frame)
+        self._transport: asyncio.Transport | None = None
+        self._broken = False
+        self._greeting: asyncio.Future[pyworker.Message] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._service = service
         assert process.stdout is not None
         self._output = asyncio.create_task(self._log_output(process.stdout))
 
-    async def send(self, head: bytes, data: bytes = b"") -> None:
-        """Send one frame; raise _WorkerGone if the worker is gone."""
-        try:
-            # One write per frame: the transport sends at once when its buffer
-            # is empty, so two writes would cost two system calls.
-            self._writer.write(head + data if data else head)
-            await self._writer.drain()
-        except (ConnectionError, OSError) as e:
-            raise _WorkerGone(str(e)) from e
+    # asyncio.Protocol
 
-    async def receive(self) -> pyworker.Message:
-        """Return the next message; raise _WorkerGone at end of file, FrameError if bad."""
-        while True:
-            message = self._decoder.next_message()
-            if message is not None:
-                return message
-            try:
-                chunk = await self._reader.read(pyworker.RECV_CHUNK)
-            except (ConnectionError, OSError) as e:
-                raise _WorkerGone(str(e)) from e
-            if not chunk:
-                raise _WorkerGone("end of file")
-            self._decoder.receive_bytes(chunk)
+    @property
+    def connected(self) -> bool:
+        """Return whether the socket has been handed to the event loop."""
+        return self._transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            self._decoder.receive_bytes(data)
+            while (message := self._decoder.next_message()) is not None:
+                if not self._greeting.done():
+                    self._greeting.set_result(message)
+                elif not self.retired:
+                    self._runtime._replied(self, *message)
+        except pyworker.FrameError as e:
+            self._broken = True
+            if not self._greeting.done():
+                self._greeting.set_exception(e)
+            elif not self.retired:
+                self._runtime._broke(self, e)
+
+    def eof_received(self) -> bool:
+        self._gone("end of file")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone(str(exc) if exc else "end of file")
+
+    def _gone(self, why: str) -> None:
+        if not self._greeting.done():
+            self._greeting.set_exception(_WorkerGone(why))
+        elif not self.retired and not self._broken:
+            self._broken = True
+            self._runtime._lost(self)
+
+    # used by the runtime
+
+    async def greeting(self) -> pyworker.Message:
+        """Return the worker's first message; raise _WorkerGone or FrameError."""
+        return await self._greeting
+
+    def send(self, frames: list[bytes]) -> None:
+        """Write frames in one go (the transport buffers what the socket does not take)."""
+        assert self._transport is not None
+        if not self._transport.is_closing():
+            # One write per batch: the transport sends at once when its buffer
+            # is empty, so every separate write would cost a system call.
+            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def kill(self) -> None:
         """SIGKILL the worker's process group (it leads its own session)."""
@@ -297,12 +405,15 @@ class _Worker:
 
     async def reap(self) -> None:
         """Kill the worker and wait until the process and its output pipe are done."""
+        self.retired = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.kill()
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
         await self.process.wait()
         await self._output
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
 
     async def _log_output(self, stream: asyncio.StreamReader) -> None:
         logged = dropped = 0
@@ -321,10 +432,15 @@ class _Worker:
 
 @dataclass
 class _Slot:
-    """A place for one worker: warm, being replaced (``pending``), or empty."""
+    """A place for one worker: warm, being (re)placed (``pending``), or empty.
+
+    ``failure`` is why the last start in this slot failed, kept for the next
+    call that needs the slot when no call was waiting.
+    """
 
     worker: _Worker | None = None
     pending: asyncio.Task[_Worker] | None = None
+    failure: RuntimeFailure | None = None
 
 
 class PythonRuntime:
@@ -355,17 +471,16 @@ class PythonRuntime:
         self._name = name or self._service_dir.name
         self._uid, self._gid = _resolve_user(self._config.user)
         self._slots = [_Slot() for _ in range(self._config.pool_size)]
-        self._idle: deque[_Slot] = deque(self._slots)
-        self._waiters: deque[asyncio.Future[_Slot]] = deque()
-        self._busy = 0
-        self._drained: asyncio.Event | None = None
+        self._queue: deque[_Call] = deque()
+        self._dispatch_soon = False
+        self._run_average: float | None = None
         self._live: set[_Worker] = set()
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._next_id = 0
         self._workdir: Path | None = None
         self._stats = dict.fromkeys(
-            ("calls", "ok", "errors", "crashes", "timeouts", "too_large", "spawned"), 0
+            ("calls", "ok", "errors", "crashes", "timeouts", "too_large", "spawned", "batches"), 0
         )
 
     # ------------------------------------------------------------------ public
@@ -382,16 +497,15 @@ class PythonRuntime:
         started: list[tuple[_Slot, asyncio.Task[_Worker]]] = []
         for slot in self._slots:
             if slot.worker is None and slot.pending is None:
-                slot.pending = asyncio.create_task(self._spawn())
-                started.append((slot, slot.pending))
+                started.append((slot, self._fill(slot)))
         failures: list[BaseException] = []
         for slot, task in started:
             try:
                 await asyncio.shield(task)
             except RuntimeFailure as e:
                 failures.append(e)
-                if slot.pending is task:
-                    slot.pending = None
+                if slot.failure is e:  # reported here, not to the next call
+                    slot.failure = None
         if failures:
             raise RuntimeUnavailable(f"the service {self._name} could not be started")
 
@@ -402,18 +516,19 @@ class PythonRuntime:
         AlgorithmCrashed / MemoryLimitExceeded, ResultTooLarge, or
         RuntimeUnavailable (closed, or no worker could be started).
         """
+        if self._closed:
+            raise RuntimeUnavailable("the runtime is closed")
         self._next_id += 1
-        call_id = self._next_id
-        head, data = self._encode_call(call_id, inv)
-        slot = await self._acquire()
-        keep = False
+        head, data = self._encode_call(self._next_id, inv)
+        call = _Call(self._next_id, head, data, asyncio.get_running_loop().create_future())
+        self._queue.append(call)
+        self._dispatch_later()
         try:
-            worker = await self._ensure_worker(slot)
-            verdict = await self._exchange(worker, call_id, head, data)
-            keep = verdict.keep_worker
-        finally:
-            self._release(slot, keep)
-        return self._settle(verdict, worker)
+            verdict = await call.future
+        except asyncio.CancelledError:
+            self._cancel(call)
+            raise
+        return self._settle(verdict, call.pid)
 
     async def aclose(self) -> None:
         """Kill and reap every worker, fail queued calls, remove the work directory.
@@ -425,7 +540,8 @@ class PythonRuntime:
         await asyncio.shield(self._closing)
 
     def statistics(self) -> dict[str, int]:
-        """Return counters: calls, ok, errors, crashes, timeouts, too_large, spawned, alive."""
+        """Return counters: calls, ok, errors, crashes, timeouts, too_large, spawned,
+        batches (writes that carried more than one call), alive."""
         return {**self._stats, "alive": len(self._live)}
 
     def workers(self) -> list[WorkerInfo]:
@@ -439,68 +555,241 @@ class PythonRuntime:
             key=lambda info: info.pid,
         )
 
-    # ---------------------------------------------------------------- the pool
+    # ------------------------------------------------------------ dispatching
 
-    async def _acquire(self) -> _Slot:
+    def _dispatch_later(self) -> None:
+        # Once per turn of the event loop, so calls that arrive together can
+        # leave together.
+        if not self._dispatch_soon:
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _batching(self) -> bool:
+        return self._run_average is not None and self._run_average < BATCH_BELOW_S
+
+    def _dispatch(self) -> None:
+        """Send queued calls to free workers; start workers queued calls need."""
+        self._dispatch_soon = False
+        if self._closed or not self._queue:
+            return
+        free: list[_Worker] = []
+        for slot in self._slots:
+            worker = slot.worker
+            if worker is None or worker.line:
+                continue
+            if worker.process.returncode is not None:
+                # Died while idle (the OOM killer, a thread the algorithm left
+                # behind): replace it rather than fail an innocent call.
+                log.warning("worker_died_idle service=%s pid=%d", self._name, worker.pid)
+                self._drop(worker)
+                continue
+            free.append(worker)
+        if free:
+            # Short calls fill one worker before the next is woken: a wake-up
+            # costs more than running a few short calls one after the other.
+            per = MAX_BATCH_CALLS if self._batching() else 1
+            for worker in free:
+                if not self._queue:
+                    break
+                self._send(worker, per)
+        if not self._queue:
+            return
+        # Calls still wait: every slot should hold a worker or be getting one.
+        for slot in self._slots:
+            if slot.worker is not None or slot.pending is not None:
+                continue
+            if slot.failure is not None:
+                # The last start in this slot failed and nobody was told: the
+                # oldest waiting call is, as if it had taken the slot.
+                failure, slot.failure = slot.failure, None
+                call = self._queue.popleft()
+                call.future.set_exception(failure)
+                if not self._queue:
+                    return
+            self._fill(slot)
+
+    def _send(self, worker: _Worker, most: int) -> None:
+        """Send the oldest queued calls (up to ``most``, within MAX_BATCH_BYTES) to ``worker``."""
+        calls: list[_Call] = []
+        frames: list[bytes] = []
+        size = 0
+        while self._queue and len(calls) < most:
+            call = self._queue[0]
+            if calls and size + call.size > MAX_BATCH_BYTES:
+                break
+            self._queue.popleft()
+            calls.append(call)
+            size += call.size
+            frames.append(call.head)
+            if call.data:
+                frames.append(call.data)
+            call.worker = worker
+            call.pid = worker.pid
+            if not call.sent:
+                call.sent = True
+                self._stats["calls"] += 1
+        if len(calls) > 1:
+            self._stats["batches"] += 1
+        calls[0].started = asyncio.get_running_loop().time()
+        worker.line.extend(calls)
+        worker.send(frames)
+        self._arm(worker)
+
+    def _arm(self, worker: _Worker) -> None:
+        if worker.timer is None and worker.line:
+            deadline = worker.line[0].started + self._limits.timeout_s
+            worker.timer = asyncio.get_running_loop().call_at(deadline, self._check_time, worker)
+
+    def _check_time(self, worker: _Worker) -> None:
+        # One timer per worker, moved lazily: a reply only changes which call
+        # is running, and the timer looks at that call when it fires.
+        worker.timer = None
+        if worker.retired or not worker.line:
+            return
+        call = worker.line[0]
+        deadline = call.started + self._limits.timeout_s
+        loop = asyncio.get_running_loop()
+        if deadline > loop.time() + TIMER_SLACK_S:
+            worker.timer = loop.call_at(deadline, self._check_time, worker)
+            return
+        worker.line.popleft()
+        timeout = AlgorithmTimeout(_timeout_text(self._limits))
+        self._drop(worker, call, Verdict(None, timeout, False, "killed"))
+
+    # ----------------------------------------------------- what workers say
+
+    def _replied(self, worker: _Worker, header: dict[str, Any], data: bytes) -> None:
+        if not worker.line:
+            log.warning("worker_unsolicited service=%s pid=%d", self._name, worker.pid)
+            self._drop(worker)
+            return
+        call = worker.line.popleft()
+        verdict = interpret_reply(header, data, call.call_id, self._limits)
+        run_us = header.get("run_us")
+        if type(run_us) is int and run_us >= 0:
+            seconds = run_us / 1_000_000
+            average = self._run_average
+            self._run_average = (
+                seconds if average is None else average + RUN_TIME_WEIGHT * (seconds - average)
+            )
+        if not verdict.keep_worker:
+            self._drop(worker, call, verdict)
+            return
+        self._deliver(call, verdict)
+        if worker.line:
+            worker.line[0].started = asyncio.get_running_loop().time()
+        elif self._queue:
+            self._dispatch()
+
+    def _broke(self, worker: _Worker, error: pyworker.FrameError) -> None:
+        call = worker.line.popleft() if worker.line else None
+        if isinstance(error, pyworker.FrameTooLarge):
+            too_large = ResultTooLarge(
+                f"the result exceeds the limit of {self._limits.max_result_bytes} bytes"
+            )
+            verdict = Verdict(None, too_large, False, str(error))
+        else:
+            verdict = _crashed(f"protocol violation: {error}")
+        self._drop(worker, call, verdict)
+
+    def _lost(self, worker: _Worker) -> None:
         if self._closed:
-            raise RuntimeUnavailable("the runtime is closed")
-        if self._idle:
-            self._busy += 1
-            return self._idle.popleft()
-        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release(waiter.result(), keep=True)  # handed over as we were cancelled
+            return  # killed by aclose(), which answers its calls
+        if worker.line:
+            # The exit status tells a crash from the CPU backstop; the
+            # replacement reads it before killing anything.
+            self._drop(worker, worker.line.popleft(), None)
+        else:
+            log.warning("worker_died_idle service=%s pid=%d", self._name, worker.pid)
+            self._drop(worker)
+
+    def _deliver(self, call: _Call, verdict: Verdict) -> None:
+        call.worker = None
+        if not call.future.done():  # a cancelled caller is not told
+            call.future.set_result(verdict)
+
+    def _drop(
+        self, worker: _Worker, call: _Call | None = None, verdict: Verdict | None = None
+    ) -> None:
+        """Retire ``worker``: answer ``call`` (the one it was running), queue the calls
+        it had not started again (first in line), and start its replacement.
+
+        With a call and no verdict, the verdict comes from the exit status.
+        """
+        worker.retired = True
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        for waiting in reversed(worker.line):
+            waiting.worker = None
+            if not waiting.future.done():
+                self._queue.appendleft(waiting)
+        worker.line.clear()
+        if call is not None:
+            call.worker = None
+        if call is None or verdict is not None:
+            worker.kill()
+            if call is not None and verdict is not None:
+                self._deliver(call, verdict)
+        slot = worker.slot
+        if slot is not None and slot.worker is worker:
+            slot.worker = None
+            if not self._closed:
+                self._fill(slot, worker, call if verdict is None else None)
+        self._dispatch_later()
+
+    def _cancel(self, call: _Call) -> None:
+        """The caller of ``call`` went away."""
+        worker = call.worker
+        if worker is None:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(call)
+            return
+        if not worker.retired and worker.line and worker.line[0] is call:
+            # It is running and its worker's state is unknown: replace the worker.
+            worker.line.popleft()
+            self._drop(worker)
+        # Otherwise it has not started: the worker runs it and the reply is dropped.
+
+    # ------------------------------------------------------------ the pool
+
+    def _fill(
+        self, slot: _Slot, old: _Worker | None = None, call: _Call | None = None
+    ) -> asyncio.Task[_Worker]:
+        """Start a worker in ``slot`` (after retiring ``old``, answering ``call`` from its
+        exit status); return the task, which installs the worker when it is ready."""
+        task = asyncio.create_task(self._spawn() if old is None else self._replace(old, call))
+        slot.pending = task
+        task.add_done_callback(functools.partial(self._filled, slot))
+        return task
+
+    def _filled(self, slot: _Slot, task: asyncio.Task[_Worker]) -> None:
+        if slot.pending is not task:
+            return
+        slot.pending = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            worker = task.result()
+            worker.slot = slot
+            slot.worker = worker
+        elif isinstance(error, RuntimeFailure):
+            slot.failure = error
+        else:
+            log.error("worker_replace_failed service=%s error=%r", self._name, error)
+            slot.failure = RuntimeUnavailable("no worker could be started")
+        if self._queue:
+            self._dispatch_later()
+
+    async def _replace(self, old: _Worker, call: _Call | None) -> _Worker:
+        if call is not None:
+            status = await old.exit_status(EXIT_STATUS_WAIT_S)
+            if status == -signal.SIGXCPU:
+                timeout = AlgorithmTimeout(_timeout_text(self._limits))
+                self._deliver(call, Verdict(None, timeout, False, "CPU time limit (SIGXCPU)"))
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            raise
-
-    def _release(self, slot: _Slot, keep: bool) -> None:
-        if not keep and slot.worker is not None:
-            old, slot.worker = slot.worker, None
-            old.kill()
-            slot.pending = asyncio.create_task(self._replace(old))
-        self._busy -= 1
-        while self._waiters and not self._closed:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._busy += 1
-                waiter.set_result(slot)
-                return
-        self._idle.append(slot)
-        if self._busy == 0 and self._drained is not None:
-            self._drained.set()
-
-    async def _ensure_worker(self, slot: _Slot) -> _Worker:
-        if slot.worker is not None and slot.worker.process.returncode is not None:
-            # Died while idle (the OOM killer, a thread the algorithm left behind):
-            # replace it rather than fail an innocent call.
-            log.warning("worker_died_idle service=%s pid=%d", self._name, slot.worker.pid)
-            old, slot.worker = slot.worker, None
-            slot.pending = asyncio.create_task(self._replace(old))
-        if slot.worker is None and slot.pending is None:
-            # Through the slot, so a concurrent start() sees a spawn in progress.
-            slot.pending = asyncio.create_task(self._spawn())
-        task = slot.pending
-        if task is not None:
-            try:
-                worker = await asyncio.shield(task)
-            except RuntimeFailure:
-                if slot.pending is task:
-                    slot.pending = None
-                raise
-            if slot.pending is task:
-                slot.pending = None
-                slot.worker = worker
-        if slot.worker is None:
-            raise RuntimeUnavailable("no worker could be started")
-        return slot.worker
-
-    async def _replace(self, old: _Worker) -> _Worker:
+                self._deliver(call, _crashed(f"worker died, exit status {status}"))
         await self._retire(old)
         return await self._spawn()
 
@@ -538,11 +827,12 @@ class PythonRuntime:
             child.close()
         worker: _Worker | None = None
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=parent)
             max_frame = self._limits.max_result_bytes + pyworker.ENVELOPE_BYTES
-            worker = _Worker(process, reader, writer, max_frame, self._name)
+            worker = _Worker(process, max_frame, self._name, self)
             self._live.add(worker)
             self._stats["spawned"] += 1
+            made = worker
+            await asyncio.get_running_loop().create_unix_connection(lambda: made, sock=parent)
             async with asyncio.timeout(self._config.startup_timeout_s):
                 await self._handshake(worker)
             if self._closed:
@@ -554,6 +844,8 @@ class PythonRuntime:
                     process.kill()
                 await process.wait()
             else:
+                if not worker.connected:
+                    parent.close()
                 await self._retire(worker)
             if isinstance(e, RuntimeFailure | asyncio.CancelledError):
                 raise
@@ -574,8 +866,9 @@ class PythonRuntime:
             "max_message_chars": MAX_ERROR_MESSAGE_CHARS,
             "parent_pid": os.getpid(),
         }
-        await worker.send(*pyworker.encode_message(init))
-        header, _ = await worker.receive()
+        head, _ = pyworker.encode_message(init)
+        worker.send([head])
+        header, _ = await worker.greeting()
         if header["t"] == "load_failed":
             log.error(
                 "service_load_failed service=%s pid=%d detail=%r",
@@ -628,31 +921,7 @@ class PythonRuntime:
         except (TypeError, ValueError, RecursionError) as e:
             raise InvalidInvocation(f"params are not JSON-able: {e}") from None
 
-    async def _exchange(self, worker: _Worker, call_id: int, head: bytes, data: bytes) -> Verdict:
-        self._stats["calls"] += 1
-        try:
-            async with asyncio.timeout(self._limits.timeout_s):
-                await worker.send(head, data)
-                header, output = await worker.receive()
-        except TimeoutError:
-            worker.kill()
-            return Verdict(None, AlgorithmTimeout(_timeout_text(self._limits)), False, "killed")
-        except _WorkerGone:
-            status = await worker.exit_status(EXIT_STATUS_WAIT_S)
-            if status == -signal.SIGXCPU:
-                timeout = AlgorithmTimeout(_timeout_text(self._limits))
-                return Verdict(None, timeout, False, "CPU time limit (SIGXCPU)")
-            return _crashed(f"worker died, exit status {status}")
-        except pyworker.FrameTooLarge as e:
-            too_large = ResultTooLarge(
-                f"the result exceeds the limit of {self._limits.max_result_bytes} bytes"
-            )
-            return Verdict(None, too_large, False, str(e))
-        except pyworker.FrameError as e:
-            return _crashed(f"protocol violation: {e}")
-        return interpret_reply(header, output, call_id, self._limits)
-
-    def _settle(self, verdict: Verdict, worker: _Worker) -> Outcome:
+    def _settle(self, verdict: Verdict, pid: int) -> Outcome:
         if verdict.outcome is not None:
             self._stats["ok"] += 1
             return verdict.outcome
@@ -670,7 +939,7 @@ class PythonRuntime:
             log.warning(
                 "algorithm_failed service=%s pid=%d failure=%s replaced=%s detail=%r",
                 self._name,
-                worker.pid,
+                pid,
                 type(failure).__name__,
                 not verdict.keep_worker,
                 verdict.log_detail,
@@ -681,21 +950,24 @@ class PythonRuntime:
 
     async def _close(self) -> None:
         self._closed = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(RuntimeUnavailable("the runtime is closed"))
+        waiting = list(self._queue)
+        self._queue.clear()
+        for call in waiting:
+            if not call.future.done():
+                call.future.set_exception(RuntimeUnavailable("the runtime is closed"))
         for worker in list(self._live):
             worker.kill()
-        if self._busy:
-            self._drained = asyncio.Event()
-            await self._drained.wait()
+            for call in worker.line:
+                if not call.future.done():
+                    closed = RuntimeUnavailable("the runtime was closed during the call")
+                    call.future.set_exception(closed)
         pending = [slot.pending for slot in self._slots if slot.pending is not None]
         for result in await asyncio.gather(*pending, return_exceptions=True):
             if isinstance(result, BaseException) and not isinstance(result, RuntimeFailure):
                 log.error("worker_replace_failed service=%s error=%r", self._name, result)
         for slot in self._slots:
             slot.worker = slot.pending = None
+            slot.failure = None
         await asyncio.gather(*(self._retire(worker) for worker in list(self._live)))
         if self._workdir is not None:
             self._workdir.chmod(0o700)

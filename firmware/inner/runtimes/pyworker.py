@@ -29,13 +29,22 @@ Every header has ``"t"`` (its type).  The conversation::
                        "parent_pid"}
     worker -> daemon  {"t": "ready", "pid", "uid", "netns", "stdlib_readable"}
                     | {"t": "load_failed", "detail"}            (then the worker exits)
-    then, one at a time:
+    then calls, each answered in the order they came:
     daemon -> worker  {"t": "call", "id", "params", "timeout_s"}     + data = input
-    worker -> daemon  {"t": "ok", "id", "result"}                   + data = output
-                    | {"t": "error", "id", "message"}     the algorithm raised ValueError
+    worker -> daemon  {"t": "ok", "id", "result", "run_us"}         + data = output
+                    | {"t": "error", "id", "message", "run_us"}   the algorithm raised ValueError
                     | {"t": "crash", "id", "kind", "detail"}
                                        kind: "exception" | "memory" | "bad_result"
-                    | {"t": "too_large", "id", "size"}
+                    | {"t": "too_large", "id", "size", "run_us"}
+
+The daemon may send several calls in one write (a *batch*, when the service's
+calls are short and calls are queued): the worker runs them one after the
+other and sends each reply as soon as it has it, so the daemon always knows
+which call is running (the oldest unanswered one).  ``run_us`` is how long
+the algorithm ran, in microseconds: the daemon batches only services whose
+calls are short.  After a ``crash`` reply the worker runs nothing more and
+exits; calls it had received but not started are the daemon's to run
+elsewhere.
 
 ``detail`` is for the operator's log only (a traceback); ``message`` is for the
 caller.  The daemon ends a worker by closing its end (the worker exits at end
@@ -75,6 +84,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -220,6 +230,10 @@ PR_SET_NO_NEW_PRIVS = 38
 
 EXIT_PROTOCOL = 2
 EXIT_LOAD_FAILED = 3
+EXIT_AFTER_CRASH = 4
+
+# How every crash reply's header starts (see _crash).
+CRASH_PREFIX = b'{"t":"crash"'
 
 
 class _Channel:
@@ -340,6 +354,10 @@ def _cap(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def _micros_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1_000_000)
+
+
 def _crash(call_id: int, kind: str, detail: str) -> tuple[bytes, bytes]:
     header = {"t": "crash", "id": call_id, "kind": kind, "detail": _cap(detail, MAX_DETAIL_CHARS)}
     return encode_message(header)
@@ -357,12 +375,16 @@ def run_call(
 
     Never raises for anything the algorithm does: every outcome is a reply.
     """
+    started = time.perf_counter()
     try:
         try:
             returned = function(params, data)
         except ValueError as e:
             message = _cap(str(e) or type(e).__name__, max_message_chars)
-            return encode_message({"t": "error", "id": call_id, "message": message})
+            run_us = _micros_since(started)
+            reply = {"t": "error", "id": call_id, "message": message, "run_us": run_us}
+            return encode_message(reply)
+        run_us = _micros_since(started)
         if isinstance(returned, dict):
             result, output = returned, b""
         elif (
@@ -384,8 +406,9 @@ def run_call(
             return _crash(call_id, "bad_result", f"result is not JSON-able: {e}")
         size = len(result_json) + len(output)
         if size > max_result_bytes:
-            return encode_message({"t": "too_large", "id": call_id, "size": size})
-        head = b'{"t":"ok","id":%d,"result":%s}' % (call_id, result_json)
+            reply = {"t": "too_large", "id": call_id, "size": size, "run_us": run_us}
+            return encode_message(reply)
+        head = b'{"t":"ok","id":%d,"run_us":%d,"result":%s}' % (call_id, run_us, result_json)
         return encode_frame(head, output)
     except MemoryError:
         # Leaving the except clause above dropped the traceback, and with it the
@@ -426,6 +449,10 @@ def serve(sock: socket.socket) -> int:
         )
         del data, message
         channel.send(*reply)
+        if reply[0].startswith(CRASH_PREFIX, PREFIX.size):
+            # The daemon replaces a worker that crashed: run none of the calls
+            # that may already be buffered (the daemon runs them elsewhere).
+            return EXIT_AFTER_CRASH
 
 
 def main(argv: list[str] | None = None) -> int:

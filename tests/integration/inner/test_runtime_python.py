@@ -36,7 +36,7 @@ from firmware.inner.runtimes.base import (
     ResultTooLarge,
     RuntimeUnavailable,
 )
-from firmware.inner.runtimes.python import PythonRuntime, PythonRuntimeConfig
+from firmware.inner.runtimes.python import TIMER_SLACK_S, PythonRuntime, PythonRuntimeConfig
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +187,18 @@ async def _echo_pid(runtime: PythonRuntime) -> int:
     return pid
 
 
+async def _pool_whole(runtime: PythonRuntime, size: int, spawned: int) -> None:
+    """Wait until ``spawned`` workers were started in all and ``size`` are live and ready.
+
+    Replacements start in the background while other workers serve calls.
+    """
+    for _ in range(500):
+        stats = runtime.statistics()
+        if stats["spawned"] == spawned and stats["alive"] == size == len(runtime.workers()):
+            return
+        await asyncio.sleep(0.02)
+
+
 # --------------------------------------------------------------------- results
 
 
@@ -280,8 +292,9 @@ async def test_endless_loop_times_out_and_the_next_call_gets_a_fresh_worker(
     with pytest.raises(AlgorithmTimeout) as info:
         await runtime.invoke(Invocation({"mode": "loop"}, b""))
     assert isinstance(info.value, TimeoutError)
-    # Both calls below succeed; one of them runs on the replacement.
+    # The calls below succeed (on the other worker while the replacement starts).
     seen = {await _echo_pid(runtime) for _ in range(4)}
+    await _pool_whole(runtime, 2, spawned=3)
     replaced = pids - {info.pid for info in runtime.workers()}
     assert len(replaced) == 1
     assert not _alive(replaced.pop())
@@ -499,6 +512,97 @@ async def test_eight_concurrent_calls_on_two_workers_complete_in_arrival_order(
     # FIFO: a call never starts before the call queued two places ahead of it.
     assert all(started[i] <= started[i + 2] for i in range(6))
     assert runtime.statistics()["spawned"] == 2
+
+
+@pytest.mark.timeout(30)
+async def test_short_calls_queued_together_go_in_batches_and_each_gets_its_own_answer(
+    make_runtime: RuntimeFactory,
+) -> None:
+    runtime = make_runtime(pool_size=2)
+    await _echo_pid(runtime)  # the service's calls are now known to be short
+    outcomes = await asyncio.gather(
+        *(runtime.invoke(Invocation({"mode": "reverse", "i": i}, b"%d" % i)) for i in range(40))
+    )
+    assert [o.data for o in outcomes] == [(b"%d" % i)[::-1] for i in range(40)]
+    stats = runtime.statistics()
+    assert stats["batches"] >= 1
+    assert stats["calls"] == stats["ok"] == 41
+
+
+@pytest.mark.timeout(30)
+async def test_long_calls_are_never_batched(make_runtime: RuntimeFactory) -> None:
+    runtime = make_runtime(pool_size=1)
+    await runtime.invoke(Invocation({"mode": "sleep", "seconds": 0.05, "i": -1}, b""))
+    calls = [
+        runtime.invoke(Invocation({"mode": "sleep", "seconds": 0.05, "i": i}, b""))
+        for i in range(4)
+    ]
+    assert [o.result["i"] for o in await asyncio.gather(*calls)] == [0, 1, 2, 3]
+    assert runtime.statistics()["batches"] == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("mode", "failure"), [("crash", AlgorithmCrashed), ("suicide", AlgorithmCrashed)]
+)
+async def test_a_crash_inside_a_batch_fails_only_its_call(
+    make_runtime: RuntimeFactory, mode: str, failure: type[Exception]
+) -> None:
+    runtime = make_runtime(pool_size=1)
+    pid = await _echo_pid(runtime)
+    modes = ["echo", "echo", mode, "echo", "echo", "echo"]
+    results = await asyncio.gather(
+        *(runtime.invoke(Invocation({"mode": m, "i": i}, b"")) for i, m in enumerate(modes)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], failure)
+    rest = [r for i, r in enumerate(results) if i != 2]
+    assert all(not isinstance(r, BaseException) for r in rest), results
+    assert [r.result["params"]["i"] for r in rest] == [0, 1, 3, 4, 5]  # type: ignore[union-attr]
+    # The calls sent behind the crash ran once, on the replacement.
+    assert {r.result["pid"] for r in rest[2:]} == {await _echo_pid(runtime)} != {pid}  # type: ignore[union-attr]
+    assert runtime.statistics()["batches"] >= 1
+    assert runtime.statistics()["crashes"] == 1
+
+
+@pytest.mark.timeout(30)
+async def test_a_timeout_inside_a_batch_fails_only_its_call_which_had_its_full_time(
+    make_runtime: RuntimeFactory,
+) -> None:
+    runtime = make_runtime(
+        Limits(timeout_s=0.5, memory_mb=256, max_result_bytes=1 << 20), pool_size=1
+    )
+    await _echo_pid(runtime)
+    loop = asyncio.get_running_loop()
+    modes = ["echo", "loop", "echo", "echo"]
+    started = loop.time()
+    results = await asyncio.gather(
+        *(runtime.invoke(Invocation({"mode": m}, b"")) for m in modes), return_exceptions=True
+    )
+    assert isinstance(results[1], AlgorithmTimeout)
+    # Never cut short by the calls before it (timers may fire TIMER_SLACK_S early).
+    assert loop.time() - started >= 0.5 - TIMER_SLACK_S
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 1)
+    assert runtime.statistics()["timeouts"] == 1
+    assert runtime.statistics()["batches"] >= 1
+
+
+@pytest.mark.timeout(30)
+async def test_a_call_cancelled_before_it_started_leaves_the_worker_alone(
+    make_runtime: RuntimeFactory,
+) -> None:
+    runtime = make_runtime(pool_size=1)
+    pid = await _echo_pid(runtime)
+    first = asyncio.ensure_future(
+        runtime.invoke(Invocation({"mode": "sleep", "seconds": 0.3, "i": 0}, b""))
+    )
+    queued = asyncio.ensure_future(runtime.invoke(Invocation({"mode": "echo"}, b"")))
+    await asyncio.sleep(0.1)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert (await first).result["pid"] == pid
+    assert await _echo_pid(runtime) == pid
 
 
 @pytest.mark.timeout(30)
