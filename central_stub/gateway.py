@@ -81,6 +81,7 @@ from firmware.common.crypto.errors import InvalidSignature, KeyFileError
 from firmware.common.crypto.freshness import ObjectRef, SyncMetadata
 from firmware.common.crypto.keys import RecipientPublicKey, SigningKey, VerifyKey
 from firmware.common.crypto.sealed import Compression, Kind, seal
+from firmware.common.errors import StorageError
 from firmware.common.link import messages
 from firmware.common.uplink import (
     InvalidUsageBatch,
@@ -311,6 +312,25 @@ class CentralService:
             gateway, Kind.BUNDLE, service, version, lambda: self.repo.blobs.get(blob), now
         )
 
+    def bundle_digest(
+        self, gateway: Gateway, service: str, version: int, blob: str, now: int
+    ) -> bytes:
+        """Return the SHA-256 of the bundle sealed for ``gateway``, sealing it the first time.
+
+        A bundle sealed before is named by its blob's digest without reading
+        the blob, so one damaged blob fails the fetch of that bundle only, not
+        every sync of the gateway.  Raises StorageError when it must be
+        sealed and its source cannot be read.
+        """
+        key = (gateway.gateway_id, int(Kind.BUNDLE), service, version)
+        cached = self._sealed.get(key)
+        if cached is None:
+            stored = self.view().get_sealed(*key)
+            if stored is not None:
+                return bytes.fromhex(stored)  # the blob store is addressed by SHA-256
+            cached = self.bundle(gateway, service, version, blob, now)
+        return hashlib.sha256(cached).digest()
+
 
 def _keys(gateway: Gateway) -> tuple[VerifyKey, VerifyKey, RecipientPublicKey]:
     try:
@@ -439,10 +459,14 @@ class GatewayConnection:
             )
         ]
         for b in svc.entitlement(gateway).bundles:
-            sealed = svc.bundle(gateway, b.service, b.version, b.blob, now)
-            refs.append(
-                ObjectRef(Kind.BUNDLE, b.service, b.version, hashlib.sha256(sealed).digest())
-            )
+            try:
+                digest = svc.bundle_digest(gateway, b.service, b.version, b.blob, now)
+            except StorageError as e:
+                # never sealed for this gateway, so it holds no copy to withdraw;
+                # the rest of the sync (licences, payments, upgrades) still goes
+                svc.event("sync_bundle_unreadable", gateway=gateway.gateway_id, error=str(e))
+                continue
+            refs.append(ObjectRef(Kind.BUNDLE, b.service, b.version, digest))
         meta = SyncMetadata(gateway=gateway.gateway_id, objects=tuple(refs))
         _, _, hpke = _keys(gateway)
         sealed_meta = seal(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from hypothesis import strategies as st
 from central_stub import admin
 from central_stub.gateway import MAX_AUTH_FAILURES, AuthState, CentralService, GatewayConnection
 from central_stub.testing import TempCentral, make_central
-from firmware.common.crypto.freshness import SyncVerifier
+from firmware.common.crypto.freshness import SyncMetadata, SyncVerifier
 from firmware.common.crypto.keys import SigningKey
 from firmware.common.crypto.sealed import Kind, open_sealed, verify_sealed
+from firmware.common.errors import StorageError
 from firmware.common.licence import Allow, Revoked, evaluate
 from firmware.common.link import messages as m
 from firmware.common.uplink import UsageRecord, auth_transcript, decode_usage_ack, sign_usage_batch
@@ -306,3 +308,28 @@ def test_an_authenticated_gateway_gets_a_typed_reply_to_anything(
         else:
             assert reply.KIND is m.REPLY_KIND[msg.KIND]
     assert central.repo.snapshot().list_usage("acme", 0, 2**62) == []  # random batches never stick
+
+
+def test_a_damaged_bundle_blob_fails_its_fetch_but_not_the_sync(central: TempCentral) -> None:
+    svc = _service(central)
+    conn = _authed(central, svc)
+    first = conn.handle(m.Sync(since_version=0), NOW)
+    assert isinstance(first, m.SyncData)
+    fetched = conn.handle(m.FetchService(service="echo", have_version=None), NOW)
+    assert isinstance(fetched, m.Service)
+    digest = hashlib.sha256(fetched.sealed_bundle).hexdigest()
+    path = central.config.state_dir / "blobs" / digest[:2] / digest
+    assert path.read_bytes() == fetched.sealed_bundle
+    path.write_bytes(b"x" + fetched.sealed_bundle[1:])  # a bit rotted on disk
+
+    svc = _service(central)  # a restarted central: nothing in memory
+    conn = _authed(central, svc)
+    gw = central.gateways["gw1"]
+    verifier = SyncVerifier(recipient=gw.inner_hpke, central=central.public, gateway="gw1")
+    data = conn.handle(m.Sync(since_version=0), NOW + 1)
+    assert isinstance(data, m.SyncData)  # licences and payments still reach the gateway
+    meta = verifier.accept_sync_metadata(data.sealed, NOW + 1)
+    ref = SyncMetadata.from_payload(meta.payload).find(Kind.BUNDLE, "echo")
+    assert ref is not None and ref.digest.hex() == digest  # still listed: not withdrawn
+    with pytest.raises(StorageError, match="damaged"):
+        conn.handle(m.FetchService(service="echo", have_version=None), NOW + 1)
