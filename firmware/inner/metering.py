@@ -11,7 +11,10 @@ under ``state_dir/usage/``:
    CRC-32, compact JSON) and the file fdatasync'ed *before* the caller gets
    its answer.  Appends from concurrent calls are grouped: while one
    fdatasync runs, the next entries queue up and share the next one (group
-   commit), so the cost per call falls as load rises.
+   commit), so the cost per call falls as load rises.  The writes and
+   fdatasyncs run in one commit thread of the journal's own, which under
+   load goes from one group to the next without sleeping: an entry costs
+   the event loop a list append, and each group one callback back.
 2. **Batch** ``batch-<n>-<k>.cbor``: :meth:`UsageJournal.cut` closes the
    current segment and turns it into signed batches (the uplink format of
    :mod:`firmware.common.uplink`, signed by the inner module's Ed25519 key),
@@ -36,13 +39,13 @@ files and the commit task.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,6 +221,10 @@ class _Pending:
     future: asyncio.Future[None]
 
 
+#: Name of the journal's commit thread.
+COMMIT_THREAD: Final = "usage-commit"
+
+
 class UsageJournal:
     """The durable usage queue under ``directory`` (see the module docstring).
 
@@ -242,10 +249,19 @@ class UsageJournal:
         self._fd: int | None = None
         self._segment = 0
         self._segment_entries = 0
+        # Shared with the commit thread, under _cond: entries waiting for it,
+        # whether it is busy, whether it must stop.
+        self._cond = threading.Condition()
         self._pending: list[_Pending] = []
-        self._wake: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Event loop side: entries handed to the thread, and settled by it.
+        self._handed = 0
+        self._settled = 0
+        self._wake_soon = False
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self._install_id = ""
         self._closed = False
         self.failed: StorageError | None = None
@@ -282,21 +298,24 @@ class UsageJournal:
         except BaseException:
             self._close_fd()
             raise
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task = asyncio.get_running_loop().create_task(self._commit_loop(), name="usage")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._commit_forever, name=COMMIT_THREAD, daemon=True
+        )
+        self._thread.start()
 
     async def aclose(self) -> None:
-        """Commit what is pending, stop the commit task, close the segment (idempotent)."""
+        """Commit what is pending, stop the commit thread, close the segment (idempotent)."""
         if self._closed:
             return
-        await self.flush()
+        await self._quiesce()
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify()
+            self._thread.join()  # idle: it returns at once
+            self._thread = None
         self._close_fd()
 
     def _close_fd(self) -> None:
@@ -308,57 +327,107 @@ class UsageJournal:
 
     async def append(self, entry: UsageEntry) -> None:
         """Return once ``entry`` is durably journaled.  Raises StorageError, MeteringError."""
-        if self._closed or self._wake is None:
+        if self._closed or self._loop is None:
             raise MeteringError("the usage journal is closed")
         if self.failed is not None:
             # After a failed fdatasync the kernel may have dropped the dirty
             # pages: nothing written since can be trusted until a restart
             # re-reads the segment (and cuts any torn tail).
             raise self.failed
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(encode_entry(entry), fut))
-        self._wake.set()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        pending = _Pending(encode_entry(entry), fut)
+        with self._cond:
+            self._pending.append(pending)
+        self._handed += 1
+        if not self._wake_soon:
+            # One wake-up of the commit thread per turn of the event loop, for
+            # all the entries appended in it: waking a thread is the costly part.
+            self._wake_soon = True
+            self._loop.call_soon(self._wake)
         await fut
 
-    async def flush(self) -> None:
-        """Return once everything appended so far is durable."""
-        if self._idle is None or self._wake is None:
-            return
-        while self._pending or not self._idle.is_set():
-            self._wake.set()
-            await asyncio.sleep(0.001)
+    def _wake(self) -> None:
+        self._wake_soon = False
+        with self._cond:
+            if self._pending and not self._busy:
+                self._cond.notify()
 
-    async def _commit_loop(self) -> None:
-        assert self._wake is not None
-        assert self._idle is not None
-        loop = asyncio.get_running_loop()
+    async def flush(self) -> None:
+        """Return once everything appended so far is durable (or has failed)."""
+        target = self._handed
+        if self._settled >= target or self._loop is None:
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._flushes.append((target, fut))
+        await fut
+
+    async def _quiesce(self) -> None:
+        # Entries may be appended while a flush waits: return only at an
+        # instant when the commit thread holds nothing (no await follows in
+        # the caller before it touches the segment's descriptor).
+        while self._settled < self._handed:
+            await self.flush()
+
+    def _commit_forever(self) -> None:
+        """The commit thread: write and fdatasync each group of waiting entries.
+
+        While one fdatasync runs, the entries appended meanwhile wait and
+        share the next one (group commit).  Under load the thread never
+        sleeps between groups, so handing it an entry costs the event loop a
+        list append under a lock (and a wake-up per turn of the loop when the
+        thread sleeps), and the answer comes back as one callback per group.
+        After a failure it writes nothing more; every later group fails with
+        the same error.
+        """
+        assert self._loop is not None
+        error: OSError | None = None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                continue
-            group, self._pending = self._pending, []
-            self._idle.clear()
-            data = b"".join(p.data for p in group)
-            fd = self._fd
+            with self._cond:
+                self._busy = False
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                group, self._pending = self._pending, []
+                self._busy = True
+                fd = self._fd
+            if error is None:
+                try:
+                    assert fd is not None
+                    self._write_sync(fd, b"".join(p.data for p in group))
+                except OSError as e:
+                    error = e
             try:
-                assert fd is not None
-                await loop.run_in_executor(None, self._write_sync, fd, data)
-            except OSError as e:
-                err = StorageError(getattr(e, "errno", None) or 5, f"usage journal: {e}")
-                self.failed = err
-                for p in group:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-            else:
-                self._segment_entries += len(group)
-                self.stats["appended"] += len(group)
-                self.stats["commits"] += 1
-                for p in group:
-                    if not p.future.done():
-                        p.future.set_result(None)
-            finally:
-                self._idle.set()
+                self._loop.call_soon_threadsafe(self._committed, group, error)
+            except RuntimeError:  # the event loop is closed: nobody waits any more
+                return
+
+    def _committed(self, group: list[_Pending], error: OSError | None) -> None:
+        """Event loop side of a commit: settle its entries, then the flushes it completes."""
+        if error is not None:
+            if self.failed is None:
+                errno = getattr(error, "errno", None) or 5
+                self.failed = StorageError(errno, f"usage journal: {error}")
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(self.failed)
+        else:
+            self._segment_entries += len(group)
+            self.stats["appended"] += len(group)
+            self.stats["commits"] += 1
+            for p in group:
+                if not p.future.done():
+                    p.future.set_result(None)
+        self._settled += len(group)
+        if self._flushes:
+            waiting = []
+            for target, fut in self._flushes:
+                if target <= self._settled:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    waiting.append((target, fut))
+            self._flushes = waiting
 
     def _write_sync(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
@@ -427,12 +496,13 @@ class UsageJournal:
 
         Raises StorageError.
         """
-        await self.flush()
+        await self._quiesce()
         if self._segment_entries == 0 or self._fd is None:
             return
         old, fd = self._segment, self._fd
         self._segment += 1
-        self._open_segment()
+        with self._cond:  # the commit thread is idle; it reads _fd under the lock
+            self._open_segment()
         os.close(fd)
         self._batch_segment(old)
 

@@ -29,6 +29,7 @@ async def bed() -> AsyncIterator[Bed]:
         peer.grant("algo", key, lic_id="L-1")
         await peer.start(link_port)
         daemon = DaemonRunner(gw)
+        bed: Bed | None = None
         try:
             await daemon.start()
             async with httpx.AsyncClient(
@@ -36,7 +37,10 @@ async def bed() -> AsyncIterator[Bed]:
             ) as http:
                 # the first sync happens when the link comes up
                 await daemon.wait_for(lambda: daemon.daemon.trust.licences is not None)
-                yield Bed(gw, peer, daemon, key, http)
+                bed = Bed(gw, peer, daemon, key, http)
+                yield bed
         finally:
+            if bed is not None and bed.daemon is not daemon:  # the test restarted it
+                await bed.daemon.stop()
             await daemon.stop()
             await peer.stop()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +83,50 @@ async def test_restart_batches_a_leftover_segment_with_a_torn_tail(directory: Pa
     third.open()
     assert third.pending_batches()[0][0] == batch_id
     await third.aclose()
+
+
+async def test_no_append_returns_before_an_fdatasync_covering_its_entry(directory: Path) -> None:
+    # Group commit: entries appended while an fdatasync runs wait for the next
+    # one, which they share; none is answered before its bytes are synced.
+    entered, gate = threading.Event(), threading.Event()
+    synced: list[int] = []  # file size each fdatasync covered
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        assert gate.wait(10)
+        os.fdatasync(fd)
+        synced.append(os.fstat(fd).st_size)
+
+    j = journal(directory, fsync=slow_fsync)
+    j.open()
+    first = asyncio.ensure_future(j.append(entry(0)))
+    assert await asyncio.to_thread(entered.wait, 10)  # entry 0 is being synced
+    later = [asyncio.ensure_future(j.append(entry(i))) for i in range(1, 6)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not first.done()
+    assert not any(t.done() for t in later)
+    gate.set()
+    await first
+    assert synced == [len(encode_entry(entry(0)))]
+    await asyncio.gather(*later)
+    size = sum(len(encode_entry(entry(i))) for i in range(6))
+    assert synced == [len(encode_entry(entry(0))), size]  # the five shared one fdatasync
+    assert j.stats == {**j.stats, "appended": 6, "commits": 2}
+    await j.aclose()
+
+
+async def test_a_cancelled_append_still_lands_and_cut_waits_for_it(directory: Path) -> None:
+    j = journal(directory)
+    j.open()
+    gone = asyncio.ensure_future(j.append(entry(0)))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await j.append(entry(1))
+    await j.cut()
+    ((_, blob, _),) = j.pending_batches()
+    assert len(verify_usage_batch(blob, KEY.public).records) == 2
+    await j.aclose()
 
 
 async def test_a_failing_disk_fails_the_append(directory: Path) -> None:
