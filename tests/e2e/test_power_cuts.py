@@ -400,20 +400,25 @@ class PowerCuts:
         ogb = (self.app.state_dir / "bundles" / f"{service}.ogb").read_bytes()
         line_bytes = len(zlib.compress(ogb)) + FETCH_EXTRA_BYTES  # the sealed bundle is compressed
         window = max(0.0, line_bytes - BUNDLE_STARTED) / LINE_BYTES_PER_S + INSTALL_S
-        base = self.delivered("a->b")
         params, data = CALLS[service]
 
         def first_call() -> CallResult:
             with self.client() as gw:
                 return gw.call(service, params, data)
 
-        thread, box = self.in_background(first_call)
-        self.wait_for(
-            lambda: self.delivered("a->b") > base + BUNDLE_STARTED or not thread.is_alive(),
-            RECOVER_S,
-            f"the {service} bundle never started across the line",
-        )
-        assert thread.is_alive(), self.why(f"{service} answered before its bundle crossed: {box}")
+        deadline = time.monotonic() + RECOVER_S
+        while True:
+            base = self.delivered("a->b")
+            thread, box = self.in_background(first_call)
+            if self.bundle_started(base, thread):
+                break
+            # Refused before the bundle came (central still being reached after
+            # an earlier cut): ask again, as a caller's retry would.
+            (early,) = box
+            assert isinstance(early, Unavailable) and time.monotonic() < deadline, self.why(
+                f"{service} answered before its bundle crossed: {early!r}"
+            )
+            time.sleep(min(early.retry_after or 1.0, 1.0))
         cut.delay_s = cut.fraction * window
         time.sleep(cut.delay_s)
         crossed = self.delivered("a->b") - base
@@ -435,6 +440,15 @@ class PowerCuts:
         )
         self.call(service, max_wait=120)
         self.check_store(cut.window)
+
+    def bundle_started(self, base: int, thread: threading.Thread) -> bool:
+        """Wait until bundle bytes cross the line (True) or the call ends first (False)."""
+        self.wait_for(
+            lambda: self.delivered("a->b") > base + BUNDLE_STARTED or not thread.is_alive(),
+            RECOVER_S,
+            "the bundle never started across the line",
+        )
+        return thread.is_alive()
 
     def usage_window(self, service: str) -> None:
         """Cut while a burst of calls is shipped to central; then each is billed once."""
