@@ -580,18 +580,20 @@ class Link:
         reply: messages.Message | None
         try:
             result = await handler(item.msg)
+            parts_sent = 0
             if result is None or isinstance(result, messages.Message):
                 reply = result
             else:
-                reply = await self._send_parts(item, result)
+                reply, parts_sent = await self._send_parts(item, result)
             if reply is not None:
                 self._check_reply(item.msg, reply)
                 if (
                     isinstance(reply, messages.Service)
                     and len(reply.sealed_bundle) > messages.PART_SIZE
                     and item.msg.KIND in messages.PART_KIND
+                    and not parts_sent  # after parts, an inline end means "discard them"
                 ):
-                    reply = await self._send_parts(item, _each(messages.split_service(reply)))
+                    reply, _ = await self._send_parts(item, _each(messages.split_service(reply)))
         except RemoteError as e:
             reply = _error_reply(e.code, e.detail, e.retry_after)
         except (LocalProtocolError, OptogateError) as e:
@@ -610,25 +612,30 @@ class Link:
 
     async def _send_parts(
         self, item: _Incoming, stream: AsyncIterator[messages.Message]
-    ) -> messages.Message | None:
-        """Send the parts ``stream`` yields; return what ends it (None: the session ended)."""
+    ) -> tuple[messages.Message | None, int]:
+        """Send the parts ``stream`` yields; return what ends it and how many parts went.
+
+        The end is None when the session ended under the stream.
+        """
         part_kind = messages.PART_KIND.get(item.msg.KIND)
         in_flight: deque[tuple[int, asyncio.Future[None]]] = deque()
+        sent = 0
         try:
             async for reply in stream:
                 if part_kind is None or reply.KIND is not part_kind:
-                    return reply
+                    return reply, sent
                 while len(in_flight) >= PARTS_IN_FLIGHT:
                     await in_flight.popleft()[1]
                 queued = self._reply(reply, item.corr_id, item.generation, track=True)
                 if queued is None:
                     self._count("streams_abandoned")
-                    return None
+                    return None, sent
                 in_flight.append(queued)
+                sent += 1
             raise LocalProtocolError(f"the reply stream to {item.msg.KIND.name} has no end")
         except LinkError:
             self._count("streams_abandoned")  # the peer has forgotten the request
-            return None
+            return None, sent
         finally:
             for msg_id, fut in in_flight:
                 self._sent_waiters.pop(msg_id, None)

@@ -138,8 +138,12 @@ async def test_parts_out_of_order_and_repeated_are_joined_by_offset(pty_pair: Pt
 
 @pytest.mark.asyncio
 async def test_an_inline_end_replaces_the_parts_sent_before_it(pty_pair: PtyPair) -> None:
-    """A relay that fell back to its cache after forwarding parts ends with the whole bundle."""
-    bundle = os.urandom(3000)
+    """A relay that fell back to its cache after forwarding parts ends with the whole bundle.
+
+    The end is larger than a part, and still not cut into parts: parts at the
+    same offsets would clash with those already sent.
+    """
+    bundle = os.urandom(3 * m.PART_SIZE + 10)
 
     async def handler(msg: m.Message) -> AsyncIterator[m.Message]:
         return _stream(
@@ -150,6 +154,22 @@ async def test_an_inline_end_replaces_the_parts_sent_before_it(pty_pair: PtyPair
     async def body(client: Link, server: Link) -> None:
         reply = await client.request(m.FetchService(service="dxf"), expect=m.Service)
         assert reply.sealed_bundle == bundle
+        assert client.statistics()["link_parts_received"] == 2  # the discarded ones
+
+    await with_links(pty_pair, body, handler)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_that_ends_inline_at_once_is_cut_into_parts(pty_pair: PtyPair) -> None:
+    bundle = os.urandom(3 * m.PART_SIZE + 10)
+
+    async def handler(msg: m.Message) -> AsyncIterator[m.Message]:
+        return _stream(m.Service(sealed_bundle=bundle, sealed_licence=LICENCE))
+
+    async def body(client: Link, server: Link) -> None:
+        reply = await client.request(m.FetchService(service="dxf"), expect=m.Service)
+        assert reply.sealed_bundle == bundle
+        assert client.statistics()["link_parts_received"] == 4
 
     await with_links(pty_pair, body, handler)
 
