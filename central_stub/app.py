@@ -150,6 +150,9 @@ async def run(config: CentralConfig, *, stop: asyncio.Event | None = None) -> in
     if not config.listen and not config.serial:
         raise ConfigError("nothing to serve: add [[listen]] or [[serial]], or pass --listen")
     repo = TinyRepository(config.state_dir)
+    debris = repo.blobs.remove_debris()
+    if debris:
+        log_line("blob_debris_removed", files=debris)
 
     def on_event(event: Event) -> None:
         log_line(event.name, **event.fields)

@@ -282,6 +282,16 @@ class Repository(Protocol):
 # ---------------------------------------------------------------------------- blobs
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 class BlobStore:
     """Immutable byte strings by SHA-256 hex, one atomically written file each."""
 
@@ -292,6 +302,27 @@ class BlobStore:
         if not _HEX64.fullmatch(digest):
             raise LocalProtocolError(f"not a blob digest: {digest!r}")
         return self.directory / digest[:2] / digest
+
+    def remove_debris(self) -> int:
+        """Remove temporaries of writers that died mid-write; return how many went.
+
+        ``atomic_write`` names its temporary ``.<name>.<pid>.tmp``.  Several
+        processes write blobs (the server, the operator's commands), so only
+        those whose process no longer exists are removed; one whose pid was
+        reused meanwhile stays until a later start.
+        """
+        removed = 0
+        for debris in self.directory.glob("??/.*.tmp"):
+            try:
+                pid = int(debris.name.rsplit(".", 2)[-2])
+            except ValueError:
+                continue
+            if pid <= 0 or _process_exists(pid):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                debris.unlink()
+                removed += 1
+        return removed
 
     def put(self, data: bytes) -> str:
         """Store ``data`` (if not already stored); return its SHA-256 hex.  Raises StorageError."""

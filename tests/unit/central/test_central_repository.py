@@ -104,3 +104,25 @@ def test_blobs_are_content_addressed_and_checked(tmp_path: Path) -> None:
         blobs.get("0" * 64)
     with pytest.raises(LocalProtocolError):
         blobs.get("../etc/passwd")
+
+
+def test_debris_of_dead_writers_is_removed_and_a_live_writers_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    blobs = BlobStore(tmp_path / "blobs")
+    digest = blobs.put(b"kept")
+    shard = tmp_path / "blobs" / digest[:2]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    stale = shard / f".{'0' * 64}.{dead_pid}.tmp"
+    live = shard / f".{'1' * 64}.{os.getpid()}.tmp"
+    odd = shard / ".something.else.tmp"
+    for path in (stale, live, odd):
+        path.write_bytes(b"half a blob")
+    assert blobs.remove_debris() == 1
+    assert not stale.exists()
+    assert live.exists() and odd.exists()
+    assert blobs.get(digest) == b"kept"
