@@ -573,6 +573,8 @@ control = {json.dumps(self.control)}
             try:
                 sup.restart(name)
             except LaunchError as e:
+                if sup.processes[name].state == "powered off":
+                    continue  # its power went again while it booted: it boots when power returns
                 print(f"optogate demo: {name} did not boot again: {e}", file=sys.stderr)
 
     # -- stopping -------------------------------------------------------------------------------
