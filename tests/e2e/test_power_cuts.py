@@ -228,9 +228,12 @@ class PowerCuts:
         """Wall-clock times of every ``name`` event ``process`` has logged."""
         times = []
         for line in (self.app.state_dir / "logs" / f"{process}.log").read_text().splitlines():
-            with_event = json.loads(line) if line.startswith("{") else {}
-            if with_event.get("event") == name:
-                times.append(float(with_event["ts"]))
+            try:
+                event = json.loads(line)
+            except ValueError:  # not an event line (or the last one, half written)
+                continue
+            if isinstance(event, dict) and event.get("event") == name:
+                times.append(float(event["ts"]))
         return times
 
     def inner_events(self, name: str) -> list[float]:
