@@ -120,11 +120,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads with an option builds a decoder on every call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def parse_json(data: bytes, what: str) -> Any:
     """Return the JSON document in ``data``; raise ApiError 400 for anything malformed."""
     try:
         text = data.decode("utf-8")
-        return json.loads(text, parse_constant=_no_constants)
+        return _DECODER.decode(text)
     except UnicodeDecodeError:
         raise ApiError(400, "bad_request", f"{what} is not valid UTF-8") from None
     except (ValueError, RecursionError):
@@ -385,9 +389,11 @@ class InnerApi:
             raise ApiError(404, "not_found", "no such service")
         allow = await self._decide(service, request[KEY_HASH])
         body = await self._read_call(request)
+        svc = self._builder.loaded.get(service)  # built: no wait, no timer
         try:
-            async with asyncio.timeout(self._link.build_wait_s):
-                svc = await self._builder.get(service)
+            if svc is None:
+                async with asyncio.timeout(self._link.build_wait_s):
+                    svc = await self._builder.get(service)
         except ServiceUnavailable as e:
             raise ApiError(503, "unavailable", str(e), retry_after=e.retry_after) from None
         except TimeoutError:  # the build goes on; the caller comes back

@@ -123,12 +123,22 @@ class FrameTooLarge(FrameError):
 Message = tuple[dict[str, Any], bytes]
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.dumps and json.loads with options build an encoder or a
+# decoder on every call, which costs more than coding a small header.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def encode_json(obj: Any) -> bytes:
     """Return ``obj`` as compact UTF-8 JSON.
 
     Raises TypeError or ValueError if ``obj`` is not JSON-able (NaN included).
     """
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def encode_frame(header: bytes, data: bytes = b"") -> tuple[bytes, bytes]:
@@ -145,10 +155,6 @@ def encode_message(header: dict[str, Any], data: bytes = b"") -> tuple[bytes, by
     Raises TypeError or ValueError if the header is not JSON-able.
     """
     return encode_frame(encode_json(header), data)
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 class FrameDecoder:
@@ -201,7 +207,7 @@ class FrameDecoder:
         self._need = None
         self._check_prefix()
         try:
-            header = json.loads(raw_header, parse_constant=_refuse_constant)
+            header = _DECODER.decode(raw_header.decode())
         except (ValueError, RecursionError) as e:
             raise FrameError(f"header is not JSON: {e}") from None
         if not isinstance(header, dict) or not isinstance(header.get("t"), str):
