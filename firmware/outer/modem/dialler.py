@@ -4,13 +4,33 @@ Theory of operation
 -------------------
 :class:`Dialler` is a state machine driven by three inputs -- bytes from the
 modem (:meth:`Dialler.receive_bytes`), the clock (:meth:`Dialler.handle_deadline`)
-and the caller's requests (:meth:`dial`, :meth:`answer`, :meth:`send_data`,
-:meth:`hangup`) -- each with an explicit ``now`` in seconds.  It produces bytes
-for the modem (:meth:`bytes_to_send`), events (:meth:`next_event`) and the time
-it next needs to be woken (:meth:`next_deadline`).  It never sleeps or reads a
+and the caller's requests (:meth:`prepare`, :meth:`dial`, :meth:`answer`,
+:meth:`send_data`, :meth:`hangup`) -- each with an explicit ``now`` in
+seconds.  It produces bytes for the modem (:meth:`bytes_to_send`), events
+(:meth:`next_event`) and the time it next needs to be woken
+(:meth:`next_deadline`).  It never sleeps or reads a
 clock, so every scenario below runs under a fake clock in the tests.
 
-Originating a call (``dial``)::
+Preparing ahead of need (``prepare``; with ``keep_ready`` also after every
+originated call)::
+
+    IDLE/READY -> RESETTING -> RESET_PAUSE -> INITIALISING -> READY
+
+This is the reset and init described below, run while nobody waits; the
+core then rests in READY.  A dial from READY only checks that the modem is
+still there and still set up: ``AT`` (PROBING), and on OK the dial command
+goes out at once.  No OK within ``command_timeout`` (the modem was unplugged,
+or power-cycled: the USR5637 answers ERROR to the first command after
+power-up) means the full reset and init before the dial, counted in
+``probe_failures``.  A dial while a preparation runs rides on it: the dial
+command follows the init.  A preparation that fails reports
+:class:`PrepareFailed` and rests in IDLE, and the next dial starts with the
+full reset: nothing retries on its own, so a modem that is gone costs one
+attempt per dial, never a loop.  With ``keep_ready`` the core prepares again
+as soon as an originated call is over (hung up, carrier lost, failed after
+dialling), which keeps the reset and its pause off the next call's path.
+
+Originating a call (``dial``) from IDLE::
 
     IDLE -> RESETTING   ATZ, expect OK; ERROR: ATZ again, up to RESET_ATTEMPTS
                         (some modems answer ERROR to the first command after
@@ -26,13 +46,20 @@ Originating a call (``dial``)::
 A failed attempt (BUSY, NO ANSWER, NO DIALTONE, NO CARRIER, no result in time)
 is reported as :class:`CallAttemptFailed` and retried after an exponential
 backoff with seeded jitter (BACKOFF), until ``max_attempts`` are spent
-(:class:`CallFailed`).  ERROR to the dial command is not retried: the number
-or the modem configuration is wrong.  Every dial counts against
+(:class:`CallFailed`).  A retry dials at once when the modem answered the
+failed attempt with a result code: it is in command state and still set up.
+When not even the CR that aborts a dial was answered, the modem's state is
+unknown and the retry starts with the full reset and init
+(``retry_resets``).  ERROR to the dial command is not retried: the number or
+the modem configuration is wrong.  Every dial counts against
 ``max_calls_per_hour``; when the cap is reached the call fails at once with
 :class:`CallLimitReached` carrying the time the next call is allowed.
 
-Answering (``answer``): after the same reset and init, WAITING_FOR_RING; each
-RING is reported as :class:`Ringing`; with ``auto_answer_rings == 0`` the core
+Answering (``answer``): after the same reset and init (a preparation under
+way is taken over; from READY the reset runs again), WAITING_FOR_RING.  That
+is answer mode's resting state, initialised before any ring, so answer mode
+never uses READY and ``keep_ready`` does not apply to it.  Each RING is
+reported as :class:`Ringing`; with ``auto_answer_rings == 0`` the core
 answers with ATA at once, otherwise it sets S0 and waits for the modem's own
 CONNECT.  A failed answer goes back to waiting for the next call.
 
@@ -79,6 +106,9 @@ guard time has passed without OK, ``ATH0`` goes out at once, and its OK ends
 the hang-up cleanly.  A hang-up requested while a NO CARRIER is being
 confirmed waits for the verdict: a drop needs no hang-up.  A hang-up while a
 call is being dialled or answered sends a CR, which makes the modem abandon it.
+In READY or while preparing there is no call: HungUp comes at once and the
+preparation goes on; a dial still waiting for the reset or the probe is
+dropped the same way (with ``keep_ready``), and the modem ends up READY.
 """
 
 from __future__ import annotations
@@ -182,6 +212,10 @@ class DiallerConfig:
     use_dtr: bool = False
     auto_answer_rings: int = 0
     answer_timeout: float = 60.0
+    #: Prepare the modem again after each originated call and rest in READY,
+    #: so the next dial needs only an AT probe (the adapter also prepares
+    #: when the port opens).
+    keep_ready: bool = False
 
     def __post_init__(self) -> None:
         if any(ch not in _DIAL_CHARS for ch in self.number):
@@ -217,6 +251,8 @@ class State(enum.Enum):
     """Where the call is."""
 
     IDLE = "idle"
+    READY = "ready"
+    PROBING = "probing"
     RESETTING = "resetting"
     RESET_ESCAPE = "reset escape"
     RESET_ESCAPE_WAIT = "reset escape wait"
@@ -238,6 +274,19 @@ class State(enum.Enum):
 class _Mode(enum.Enum):
     ORIGINATE = "originate"
     ANSWER = "answer"
+    PREPARE = "prepare"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The modem is reset and initialised; the core rests in READY until a dial."""
+
+
+@dataclass(frozen=True)
+class PrepareFailed:
+    """Preparing the modem failed; the core is IDLE and the next dial starts afresh."""
+
+    error: ModemError
 
 
 @dataclass(frozen=True)
@@ -300,7 +349,9 @@ class SetDTR:
 
 
 DiallerEvent = (
-    Connected
+    Ready
+    | PrepareFailed
+    | Connected
     | CallAttemptFailed
     | CallFailed
     | Ringing
@@ -322,6 +373,23 @@ _RESULT_ERRORS: Final[dict[ResultCode, type[ModemError]]] = {
 _HANGUP_STATES: Final = frozenset(
     {State.DTR_LOW, State.DTR_PROBE, State.ESCAPE_GUARD, State.ESCAPE_WAIT, State.HANGING_UP}
 )
+
+#: States with no call and nothing under way.
+_RESTING_STATES: Final = frozenset({State.IDLE, State.READY})
+
+#: The reset and init sequence.
+_RESET_STATES: Final = frozenset(
+    {
+        State.RESETTING,
+        State.RESET_ESCAPE,
+        State.RESET_ESCAPE_WAIT,
+        State.RESET_PAUSE,
+        State.INITIALISING,
+    }
+)
+
+#: States in which a preparation (mode PREPARE) can be under way.
+_PREPARE_STATES: Final = _RESET_STATES | {State.PROBING}
 
 
 class Dialler:
@@ -360,7 +428,14 @@ class Dialler:
         self._escape_echoed = False
         self._probing = False
         self._skip_lf = False
+        #: the last attempt's abort went unanswered: the modem's state is unknown
+        self._modem_unsure = False
         self._stats = {
+            "prepares": 0,
+            "prepare_failures": 0,
+            "ready_dials": 0,
+            "probe_failures": 0,
+            "retry_resets": 0,
             "calls": 0,
             "connects": 0,
             "carrier_losses": 0,
@@ -380,13 +455,25 @@ class Dialler:
         return self._state
 
     @property
+    def preparing(self) -> bool:
+        """True while the modem is being reset and initialised with no call asked for."""
+        return self._mode is _Mode.PREPARE and self._state in _PREPARE_STATES
+
+    @property
+    def in_call(self) -> bool:
+        """True while a call is being made, answered, is up or is being hung up."""
+        return self._state not in _RESTING_STATES and not self.preparing
+
+    @property
     def confirming(self) -> bool:
         """True while a NO CARRIER in the data stream is being confirmed (writes held)."""
         return self._held == NO_CARRIER_BYTES
 
     def statistics(self) -> dict[str, int]:
-        """Return counters: calls, connects, carrier losses, false NO CARRIER alarms,
-        echoed bytes taken back, held writes dropped with the carrier, bytes."""
+        """Return counters: preparations and their failures, dials from READY and
+        failed probes, retries that reset first, calls, connects, carrier losses,
+        false NO CARRIER alarms, echoed bytes taken back, held writes dropped
+        with the carrier, bytes."""
         return {**self._stats, **{f"parser_{k}": v for k, v in self._parser.statistics().items()}}
 
     def next_deadline(self) -> float | None:
@@ -406,33 +493,65 @@ class Dialler:
 
     # -------------------------------------------------------------- requests
 
+    def prepare(self, now: float) -> None:
+        """Reset and initialise the modem ahead of a call, then rest in READY.
+
+        Raises LocalProtocolError unless IDLE or READY.  Outcome: Ready, or
+        PrepareFailed (the core is then IDLE).
+        """
+        self._require_resting("prepare")
+        self._mode = _Mode.PREPARE
+        self._attempts = 0
+        self._stats["prepares"] += 1
+        self._start_reset(now, [self.config.init_string])
+
     def dial(self, now: float) -> None:
         """Start a call to the configured number.
 
-        Raises LocalProtocolError unless IDLE, ConfigError without a number.
-        Outcome: Connected, or CallFailed (also at once when the hourly cap is reached).
+        From IDLE the modem is reset and initialised first; from READY it is
+        probed with AT; while a preparation runs the dial follows its init.
+        Raises LocalProtocolError unless IDLE, READY or preparing, ConfigError
+        without a number.  Outcome: Connected, or CallFailed (also at once when
+        the hourly cap is reached, which leaves READY or a preparation as it is).
         """
-        self._require_idle("dial")
+        state = self._state
+        if state is not State.IDLE:
+            self._require_resting("dial", allow_preparing=True)
         if not self.config.number.strip():
             raise ConfigError("no phone number configured")
-        self._mode = _Mode.ORIGINATE
         self._attempts = 0
-        if self._cap_blocks(now):
+        self._modem_unsure = False
+        if state is State.IDLE:
+            self._mode = _Mode.ORIGINATE
+            if self._cap_blocks(now):
+                return
+            self._start_reset(now, [self.config.init_string])
             return
-        self._start_reset(now, [self.config.init_string])
+        error = self._cap_error(now)
+        if error is not None:
+            self._events.append(CallFailed(error, 0))
+            return
+        self._mode = _Mode.ORIGINATE
+        if state is State.READY:
+            self._stats["ready_dials"] += 1
+            self._parser.reset()
+            self._command("AT", now, State.PROBING, self.config.command_timeout)
 
     def answer(self, now: float) -> None:
         """Prepare the modem to answer incoming calls (RING -> ATA, or S0 auto-answer).
 
-        Raises LocalProtocolError unless IDLE.
+        A preparation under way is taken over; from IDLE or READY the modem
+        is reset and initialised.  Raises LocalProtocolError otherwise.
         """
-        self._require_idle("answer")
-        self._mode = _Mode.ANSWER
+        self._require_resting("answer", allow_preparing=True)
+        extra = [f"ATS0={self.config.auto_answer_rings}"] if self.config.auto_answer_rings else []
         self._attempts = 0
-        commands = [self.config.init_string]
-        if self.config.auto_answer_rings:
-            commands.append(f"ATS0={self.config.auto_answer_rings}")
-        self._start_reset(now, commands)
+        adopt = self.preparing and self._state is not State.PROBING
+        self._mode = _Mode.ANSWER
+        if adopt:
+            self._init_queue += extra
+            return
+        self._start_reset(now, [self.config.init_string, *extra])
 
     def send_data(self, data: bytes, now: float) -> None:
         """Queue data for the far end.  Raises LocalProtocolError unless ONLINE.
@@ -477,17 +596,27 @@ class Dialler:
             if state is not State.ABORTING:
                 self._abort_call(now)
             return
+        if state is State.READY or self.preparing:
+            self._events.append(HungUp(clean=True))  # no call: the modem stays prepared
+            return
+        if self.config.keep_ready and self._mode is _Mode.ORIGINATE and state in _PREPARE_STATES:
+            # a dial waiting for the reset or the probe: drop it, finish preparing
+            self._mode = _Mode.PREPARE
+            self._events.append(HungUp(clean=True))
+            return
         self._go_idle()
         self._events.append(HungUp(clean=True))
+        if state is State.BACKOFF:
+            self._call_over(now)
 
     def set_carrier_detect(self, present: bool, now: float) -> None:
         """Report the DCD line (ports that have one); its loss while ONLINE ends the call."""
         if not present and self._state is State.ONLINE:
             if self.confirming:
-                self._carrier_dropped()  # that NO CARRIER was the modem's
+                self._carrier_dropped(now)  # that NO CARRIER was the modem's
             else:
                 self._release(now)
-                self._carrier_lost()
+                self._carrier_lost(now)
 
     # ------------------------------------------------------------------ input
 
@@ -499,7 +628,13 @@ class Dialler:
         if self._state is State.ONLINE:
             self._data_in(data, now)
             return
-        if self._state in (State.IDLE, State.DTR_LOW, State.ESCAPE_GUARD, State.RESET_ESCAPE):
+        if self._state in (
+            State.IDLE,
+            State.READY,
+            State.DTR_LOW,
+            State.ESCAPE_GUARD,
+            State.RESET_ESCAPE,
+        ):
             # idle chatter, or the tail of the data stream while we hang up
             self._stats["discarded_bytes"] += len(data)
             return
@@ -515,7 +650,7 @@ class Dialler:
             if not self.confirming:
                 self._release(now)  # a partial match, and nothing more came: data
             elif self._only_our_echo_followed():
-                self._carrier_dropped()
+                self._carrier_dropped(now)
             else:
                 self._refuted(now)
         if self._deadline is None or now < self._deadline:
@@ -527,9 +662,10 @@ class Dialler:
 
     # ------------------------------------------------------------- internals
 
-    def _require_idle(self, what: str) -> None:
-        if self._state is not State.IDLE:
-            raise LocalProtocolError(f"cannot {what} while {self._state.value}")
+    def _require_resting(self, what: str, *, allow_preparing: bool = False) -> None:
+        if self._state in _RESTING_STATES or (allow_preparing and self.preparing):
+            return
+        raise LocalProtocolError(f"cannot {what} while {self._state.value}")
 
     def _enter(self, state: State, deadline: float | None) -> None:
         self._state = state
@@ -552,17 +688,51 @@ class Dialler:
         self._last_tx = now
         self._enter(state, now + timeout)
 
-    def _cap_blocks(self, now: float) -> bool:
+    def _cap_error(self, now: float) -> CallLimitReached | None:
         while self._calls and self._calls[0] <= now - HOUR:
             self._calls.popleft()
         if len(self._calls) < self.config.max_calls_per_hour:
+            return None
+        return CallLimitReached(retry_at=self._calls[0] + HOUR)
+
+    def _cap_blocks(self, now: float) -> bool:
+        error = self._cap_error(now)
+        if error is None:
             return False
-        self._fail(CallLimitReached(retry_at=self._calls[0] + HOUR))
+        self._fail(error, now)
         return True
 
-    def _fail(self, error: ModemError) -> None:
+    def _fail(self, error: ModemError, now: float) -> None:
+        """End what is under way with ``error``: PrepareFailed or CallFailed."""
+        state, mode = self._state, self._mode
         self._go_idle()
+        if mode is _Mode.PREPARE:
+            # Rest in IDLE: the next dial runs the full reset; retrying here
+            # could spin on a modem that is gone.
+            self._stats["prepare_failures"] += 1
+            self._events.append(PrepareFailed(error))
+            return
         self._events.append(CallFailed(error, self._attempts))
+        if not (self.config.keep_ready and mode is _Mode.ORIGINATE):
+            return
+        if state in (State.INITIALISING, State.PROBING):
+            # the hourly cap, found just after the modem answered its init or
+            # probe: it is ready as it is
+            self._mode = _Mode.PREPARE
+            self._rest_ready()
+        elif state in (State.DIALLING, State.ABORTING, State.BACKOFF):
+            self._call_over(now)
+        # a modem that failed its reset or init stays IDLE until the next dial
+
+    def _rest_ready(self) -> None:
+        self._enter(State.READY, None)
+        self._parser.reset()
+        self._events.append(Ready())
+
+    def _call_over(self, now: float) -> None:
+        """An originated call is over: with ``keep_ready``, prepare for the next one."""
+        if self.config.keep_ready and self._mode is _Mode.ORIGINATE:
+            self.prepare(now)
 
     def _start_reset(self, now: float, commands: list[str]) -> None:
         self._init_queue = commands
@@ -576,6 +746,8 @@ class Dialler:
             self._command(command, now, State.INITIALISING, self.config.command_timeout)
         elif self._mode is _Mode.ORIGINATE:
             self._start_attempt(now)
+        elif self._mode is _Mode.PREPARE:
+            self._rest_ready()
         else:
             self._rings = 0
             self._enter(State.WAITING_FOR_RING, None)
@@ -599,6 +771,7 @@ class Dialler:
         if self._hangup_requested:
             self._go_idle()
             self._events.append(HungUp(clean=True))
+            self._call_over(now)
             return
         if self._mode is _Mode.ANSWER:
             self._attempts += 1
@@ -609,7 +782,7 @@ class Dialler:
             return
         retryable = not isinstance(error, ModemCommandError)
         if not retryable or self._attempts >= self.config.max_attempts:
-            self._fail(error)
+            self._fail(error, now)
             return
         cfg = self.config
         growth = cfg.backoff_factor ** (self._attempts - 1)
@@ -635,9 +808,10 @@ class Dialler:
         if tail:
             self._data_in(tail, now)
 
-    def _carrier_lost(self) -> None:
+    def _carrier_lost(self, now: float) -> None:
         self._go_idle()
         self._events.append(CarrierLost())
+        self._call_over(now)
 
     def _start_escape(self, now: float) -> None:
         self._escape_tries += 1
@@ -659,11 +833,12 @@ class Dialler:
             after_guard = self._last_tx + self.config.escape_guard + GUARD_MARGIN
             self._deadline = min(self._deadline, max(now, after_guard))
 
-    def _hung_up(self, clean: bool) -> None:
+    def _hung_up(self, clean: bool, now: float) -> None:
         self._escape_tries = 0
         self._probing = False
         self._go_idle()
         self._events.append(HungUp(clean))
+        self._call_over(now)
 
     # --------------------------------------------------------------- data mode
 
@@ -782,15 +957,17 @@ class Dialler:
             self._tx_held.clear()
             self._transmit(held, now)
 
-    def _carrier_dropped(self) -> None:
+    def _carrier_dropped(self, now: float) -> None:
         """The NO CARRIER was the modem's: end the call (and a hang-up waiting on it)."""
         self._stats["carrier_losses"] += 1
         self._stats["echoed_bytes"] += len(self._after)
         self._stats["held_bytes_dropped"] += len(self._tx_held)
         hangup = self._hangup_requested
-        self._carrier_lost()
+        self._go_idle()
+        self._events.append(CarrierLost())
         if hangup:
             self._events.append(HungUp(clean=True))
+        self._call_over(now)
 
     # ------------------------------------------------------- parser events
 
@@ -830,6 +1007,13 @@ class Dialler:
             # command state after all), the modem now listens: reset it
             self._parser.reset()
             self._command("ATZ", now, State.RESETTING, self.config.command_timeout)
+        elif state is State.PROBING:
+            if code is not ResultCode.OK:
+                self._probe_failed(now)
+            elif self._mode is _Mode.PREPARE:
+                self._rest_ready()  # the dial was abandoned during the probe
+            else:
+                self._start_attempt(now)
         elif state is State.RESETTING:
             if code is ResultCode.OK:
                 self._enter(State.RESET_PAUSE, now + self.config.reset_pause)
@@ -839,25 +1023,31 @@ class Dialler:
             if code is ResultCode.OK:
                 self._next_init(now)
             else:
-                self._fail(ModemCommandError(f"init command answered {result.text}"))
+                self._fail(ModemCommandError(f"init command answered {result.text}"), now)
         elif state in (State.DIALLING, State.ANSWERING):
             self._attempt_failed(_RESULT_ERRORS[code](result.text), now)
         elif state is State.ABORTING:
             self._attempt_failed(ModemTimeout("no carrier before the deadline"), now)
         elif state is State.DTR_PROBE:
             if code is ResultCode.OK:
-                self._hung_up(clean=True)
+                self._hung_up(True, now)
         elif state is State.ESCAPE_WAIT:
             if code is ResultCode.OK:
                 self._command("ATH0", now, State.HANGING_UP, self.config.command_timeout)
             elif code is ResultCode.NO_CARRIER:
-                self._hung_up(clean=True)
+                self._hung_up(True, now)
         elif state is State.HANGING_UP:
-            self._hung_up(clean=code in (ResultCode.OK, ResultCode.NO_CARRIER))
+            self._hung_up(code in (ResultCode.OK, ResultCode.NO_CARRIER), now)
+
+    def _probe_failed(self, now: float) -> None:
+        """No OK to the probe from READY: unplugged, power-cycled or confused.
+        Reset and initialise in full; the dial (if any) follows."""
+        self._stats["probe_failures"] += 1
+        self._start_reset(now, [self.config.init_string])
 
     def _retry_reset(self, error: ModemError, now: float) -> None:
         if self._reset_tries >= RESET_ATTEMPTS:
-            self._fail(error)
+            self._fail(error, now)
             return
         self._reset_tries += 1
         self._parser.reset()
@@ -865,9 +1055,12 @@ class Dialler:
 
     # ------------------------------------------------------------ timeouts
 
+    def _timeout_probing(self, now: float) -> None:
+        self._probe_failed(now)
+
     def _timeout_resetting(self, now: float) -> None:
         if self._reset_tries >= RESET_ATTEMPTS:
-            self._fail(ModemTimeout("no answer to ATZ"))
+            self._fail(ModemTimeout("no answer to ATZ"), now)
             return
         self._reset_tries += 1
         self._parser.reset()
@@ -889,8 +1082,7 @@ class Dialler:
         self._next_init(now)
 
     def _timeout_initialising(self, now: float) -> None:
-        del now
-        self._fail(ModemTimeout("no answer to the init string"))
+        self._fail(ModemTimeout("no answer to the init string"), now)
 
     def _timeout_dialling(self, now: float) -> None:
         self._abort_call(now)
@@ -899,10 +1091,18 @@ class Dialler:
         self._abort_call(now)
 
     def _timeout_aborting(self, now: float) -> None:
+        # not even the CR that aborts a dial got an answer: before another
+        # attempt the modem needs the full reset (it may have restarted)
+        self._modem_unsure = True
         self._attempt_failed(ModemTimeout("no carrier before the deadline"), now)
 
     def _timeout_backoff(self, now: float) -> None:
-        self._start_attempt(now)
+        if self._modem_unsure:
+            self._modem_unsure = False
+            self._stats["retry_resets"] += 1
+            self._start_reset(now, [self.config.init_string])
+        else:
+            self._start_attempt(now)
 
     def _timeout_dtr_low(self, now: float) -> None:
         self._events.append(SetDTR(True))
@@ -928,10 +1128,10 @@ class Dialler:
         elif self._escape_tries < ESCAPE_ATTEMPTS:
             self._start_escape(now)
         else:
-            self._hung_up(clean=False)
+            self._hung_up(False, now)
 
     def _timeout_hanging_up(self, now: float) -> None:
         if self._probing and self._escape_tries < ESCAPE_ATTEMPTS:
             self._start_escape(now)  # that echo was the far end's after all
         else:
-            self._hung_up(clean=False)
+            self._hung_up(False, now)

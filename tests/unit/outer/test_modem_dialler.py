@@ -24,6 +24,8 @@ from firmware.outer.modem.dialler import (
     DiallerConfig,
     DiallerEvent,
     HungUp,
+    PrepareFailed,
+    Ready,
     Ringing,
     SetDTR,
     State,
@@ -866,3 +868,362 @@ def test_ath0_not_confirmed_is_an_unclean_hangup(answer: bytes) -> None:
     rig.advance(5.0)
     assert rig.events() == [HungUp(clean=False)]
     assert rig.d.state is State.IDLE
+
+
+# ------------------------------------------------------- ready between calls
+
+
+def ready_rig(**overrides: object) -> Rig:
+    """A rig whose modem has been prepared: READY, events and output consumed."""
+    rig = Rig(keep_ready=True, **overrides)
+    rig.d.prepare(rig.now)
+    rig.through_init()
+    assert rig.events() == [Ready()]
+    assert rig.d.state is State.READY
+    return rig
+
+
+def test_prepare_resets_initialises_and_rests_ready() -> None:
+    rig = Rig()
+    rig.d.prepare(rig.now)
+    assert rig.d.preparing
+    assert not rig.d.in_call
+    rig.through_init()
+    assert rig.events() == [Ready()]
+    assert rig.d.state is State.READY
+    assert rig.d.next_deadline() is None
+    assert rig.sent() == b""
+    rig.modem(b"\r\nRING\r\n")  # chatter while resting is not acted on
+    assert rig.events() == []
+    assert rig.sent() == b""
+    assert rig.d.statistics()["prepares"] == 1
+
+
+def test_dial_from_ready_probes_then_dials_without_reset_or_pause() -> None:
+    rig = ready_rig()
+    rig.d.dial(rig.now)
+    assert rig.d.state is State.PROBING
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    # no ATZ, no reset pause: the dial command goes out in the same instant
+    assert cast(State, rig.d.state) is State.DIALLING
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    assert rig.events() == [Connected(33600, "", "CONNECT 33600")]
+    stats = rig.d.statistics()
+    assert (stats["ready_dials"], stats["probe_failures"], stats["calls"]) == (1, 0, 1)
+
+
+def test_unanswered_probe_falls_back_to_the_full_reset() -> None:
+    rig = ready_rig()
+    rig.d.dial(rig.now)
+    assert rig.sent() == b"AT\r"  # the modem was unplugged meanwhile: silence
+    rig.advance(4.99)
+    assert rig.sent() == b""
+    rig.advance(0.01)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    assert [type(e) for e in rig.events()] == [Connected]
+    assert rig.d.statistics()["probe_failures"] == 1
+
+
+def test_power_cycled_modem_answering_error_to_the_probe_is_reset_in_full() -> None:
+    # The USR5637 answers ERROR to the first command after power-up: here
+    # that command is our probe, and the ATZ that follows gets OK.
+    rig = ready_rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nERROR\r\n")
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    assert [type(e) for e in rig.events()] == [Connected]
+    assert rig.d.statistics()["probe_failures"] == 1
+
+
+def test_prepare_handles_error_to_the_first_command_after_power_up() -> None:
+    rig = Rig(keep_ready=True)
+    rig.d.prepare(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nERROR\r\n")
+    rig.through_init()
+    assert rig.events() == [Ready()]
+
+
+def test_dial_while_preparing_follows_the_init_without_a_probe() -> None:
+    rig = Rig(keep_ready=True)
+    rig.d.prepare(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.d.dial(rig.now)  # during the reset pause
+    assert not rig.d.preparing
+    assert rig.d.in_call
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nOK\r\n")
+    assert rig.sent() == b"ATDT5551234\r"
+    assert rig.events() == []  # no Ready: the dial took the prepared modem
+
+
+def test_failed_preparation_rests_idle_and_the_next_dial_resets_in_full() -> None:
+    rig = Rig(keep_ready=True)
+    rig.d.prepare(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nERROR\r\n")
+    [event] = rig.events()
+    assert isinstance(event, PrepareFailed)
+    assert isinstance(event.error, ModemCommandError)
+    # not retried on its own: nothing to send, nothing scheduled
+    assert rig.d.state is State.IDLE
+    assert rig.d.next_deadline() is None
+    rig.advance(3600.0)
+    assert rig.sent() == b""
+    assert rig.d.statistics()["prepare_failures"] == 1
+    rig.d.dial(rig.now)
+    rig.through_init()
+    assert rig.sent() == b"ATDT5551234\r"
+
+
+def test_silent_modem_fails_the_preparation_after_three_resets() -> None:
+    rig = Rig(keep_ready=True)
+    rig.d.prepare(rig.now)
+    rig.advance(60.0)
+    assert rig.sent() == b"ATZ\r+++ATZ\r+++ATZ\r"
+    [event] = rig.events()
+    assert isinstance(event, PrepareFailed)
+    assert isinstance(event.error, ModemTimeout)
+    assert rig.d.next_deadline() is None
+
+
+def test_modem_is_prepared_again_after_a_hangup() -> None:
+    rig = ready_rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(1.2)
+    assert rig.sent() == b"+++"
+    rig.advance(1.2)
+    rig.modem(b"\r\nOK\r\n")
+    rig.reply(b"ATH0\r", b"\r\nOK\r\n")
+    assert rig.events() == [HungUp(clean=True)]
+    rig.through_init()  # ATZ at once, the pause, the init string
+    assert rig.events() == [Ready()]
+    assert rig.d.state is State.READY
+    # and the next call goes from ready
+    rig.d.dial(rig.now)
+    assert rig.sent() == b"AT\r"
+
+
+def test_modem_is_prepared_again_after_a_dtr_hangup() -> None:
+    rig = ready_rig(use_dtr=True)
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    rig.events()
+    rig.d.hangup(rig.now)
+    rig.advance(0.5)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    assert rig.events() == [SetDTR(False), SetDTR(True), HungUp(clean=True)]
+    rig.through_init()
+    assert rig.events() == [Ready()]
+
+
+def test_modem_is_prepared_again_after_an_in_band_drop() -> None:
+    rig = ready_rig()
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    rig.events()
+    rig.modem(NO_CARRIER_BYTES)
+    rig.advance(0.25)
+    assert rig.events() == [CarrierLost()]
+    rig.d.hangup(rig.now)  # what the link does next: nothing to hang up
+    assert rig.events() == [HungUp(clean=True)]
+    rig.through_init()
+    assert rig.events() == [Ready()]
+
+
+def test_modem_is_prepared_again_after_a_call_that_failed() -> None:
+    rig = ready_rig(max_attempts=2, jitter=0.0)
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+    [event] = rig.events()
+    assert isinstance(event, CallAttemptFailed)
+    rig.advance(event.retry_at - rig.now)
+    # the modem answered BUSY in command state, set up: the retry dials at once
+    rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+    [failed] = rig.events()
+    assert isinstance(failed, CallFailed)
+    assert isinstance(failed.error, Busy)
+    rig.through_init()
+    assert rig.events() == [Ready()]
+
+
+def test_retry_after_an_unanswered_abort_resets_first() -> None:
+    rig = ready_rig(carrier_timeout=10.0, jitter=0.0)
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    assert rig.sent() == b"ATDT5551234\r"
+    rig.advance(10.0)
+    assert rig.sent() == b"\r"
+    rig.advance(5.0)  # the modem says nothing: its state is unknown
+    [event] = rig.events()
+    assert isinstance(event, CallAttemptFailed)
+    rig.advance(event.retry_at - rig.now)
+    rig.through_init()
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    assert [type(e) for e in rig.events()] == [Connected]
+    assert rig.d.statistics()["retry_resets"] == 1
+
+
+def test_hangup_while_ready_or_preparing_leaves_the_modem_prepared() -> None:
+    rig = ready_rig()
+    rig.d.hangup(rig.now)
+    assert rig.events() == [HungUp(clean=True)]
+    assert rig.d.state is State.READY
+    assert rig.sent() == b""
+    rig.d.prepare(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.d.hangup(rig.now)
+    assert rig.events() == [HungUp(clean=True)]
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nOK\r\n")
+    assert rig.events() == [Ready()]
+
+
+def test_hangup_abandons_a_dial_waiting_for_the_preparation() -> None:
+    rig = Rig(keep_ready=True)
+    rig.d.dial(rig.now)  # from IDLE: the full path
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.d.hangup(rig.now)
+    assert rig.events() == [HungUp(clean=True)]
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nOK\r\n")
+    assert rig.events() == [Ready()]
+    assert rig.sent() == b""  # no dial command
+    # the same during the probe
+    rig.d.dial(rig.now)
+    assert rig.sent() == b"AT\r"
+    rig.d.hangup(rig.now)
+    assert rig.events() == [HungUp(clean=True)]
+    rig.modem(b"AT\r\r\nOK\r\n")
+    assert rig.events() == [Ready()]
+    assert rig.sent() == b""
+    assert rig.d.statistics()["calls"] == 0
+
+
+def test_hourly_cap_from_ready_fails_at_once_and_stays_ready() -> None:
+    rig = ready_rig(max_calls_per_hour=1)
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    rig.reply(b"ATDT5551234\r", b"\r\nCONNECT 33600\r\n")
+    rig.modem(NO_CARRIER_BYTES)
+    rig.advance(0.25)
+    rig.through_init()
+    rig.events()
+    rig.d.dial(rig.now)
+    [event] = rig.events()
+    assert isinstance(event, CallFailed)
+    assert isinstance(event.error, CallLimitReached)
+    assert rig.sent() == b""
+    assert rig.d.state is State.READY
+
+
+def test_cap_reached_while_preparing_leaves_the_preparation_running() -> None:
+    rig = ready_rig(max_calls_per_hour=1, max_attempts=1)
+    rig.d.dial(rig.now)
+    rig.reply(b"AT\r", b"\r\nOK\r\n")
+    rig.reply(b"ATDT5551234\r", b"\r\nBUSY\r\n")
+    rig.events()
+    assert rig.sent() == b"ATZ\r"  # preparing again
+    rig.d.dial(rig.now)
+    [event] = rig.events()
+    assert isinstance(event.error, CallLimitReached)  # type: ignore[union-attr]
+    assert rig.d.preparing
+    rig.modem(b"\r\nOK\r\n")
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nOK\r\n")
+    assert rig.events() == [Ready()]
+
+
+def test_answer_mode_is_unchanged_by_keep_ready() -> None:
+    rig = Rig(keep_ready=True)
+    rig.d.answer(rig.now)
+    rig.through_init()
+    assert rig.d.state is State.WAITING_FOR_RING
+    rig.modem(b"\r\nRING\r\n")
+    rig.reply(b"ATA\r", b"\r\nCONNECT 33600\r\n")
+    rig.events()
+    rig.modem(NO_CARRIER_BYTES)
+    rig.advance(0.25)
+    assert rig.events() == [CarrierLost()]
+    # central's side answers again (with its own reset): nothing prepared meanwhile
+    assert cast(State, rig.d.state) is State.IDLE
+    assert rig.sent() == b""
+    assert rig.d.next_deadline() is None
+
+
+def test_answer_takes_over_a_preparation_under_way() -> None:
+    rig = Rig(auto_answer_rings=2)
+    rig.d.prepare(rig.now)
+    rig.reply(b"ATZ\r", b"\r\nOK\r\n")
+    rig.d.answer(rig.now)
+    rig.advance(1.0)
+    rig.reply(INIT.encode() + b"\r", b"\r\nOK\r\n")
+    rig.reply(b"ATS0=2\r", b"\r\nOK\r\n")
+    assert rig.d.state is State.WAITING_FOR_RING
+    assert rig.events() == []
+
+
+def test_answer_from_ready_resets_as_from_idle() -> None:
+    rig = ready_rig()
+    rig.d.answer(rig.now)
+    rig.through_init()
+    assert rig.d.state is State.WAITING_FOR_RING
+
+
+def test_prepare_refused_during_a_call() -> None:
+    rig = ready_rig()
+    rig.d.dial(rig.now)
+    with pytest.raises(LocalProtocolError):
+        rig.d.prepare(rig.now)
+    with pytest.raises(LocalProtocolError):
+        rig.d.dial(rig.now)
+    assert rig.d.state is State.PROBING
+
+
+@given(st.lists(_OPERATION, max_size=60), st.booleans())
+def test_any_modem_behaviour_keeps_a_ready_core_consistent(
+    operations: list[tuple[str, object]], use_dtr: bool
+) -> None:
+    rig = Rig(use_dtr=use_dtr, max_attempts=3, keep_ready=True)
+    rig.d.prepare(rig.now)
+    for op, argument in [*operations, ("prepare", None), ("wait", 120.0)]:
+        if op == "bytes":
+            assert isinstance(argument, bytes)
+            rig.modem(argument)
+        elif op == "wait":
+            assert isinstance(argument, float)
+            rig.advance(argument)
+        elif op == "dcd":
+            rig.d.set_carrier_detect(False, rig.now)
+        else:
+            before = rig.d.state
+            try:
+                if op == "send":
+                    rig.d.send_data(b"x", rig.now)
+                else:
+                    getattr(rig.d, op)(rig.now)
+            except LocalProtocolError:
+                assert rig.d.state is before
+        for _ in range(3):
+            deadline = rig.d.next_deadline()
+            if deadline is None or deadline > rig.now:
+                break
+            rig.d.handle_deadline(rig.now)
+        deadline = rig.d.next_deadline()
+        assert deadline is None or deadline > rig.now
+        for event in rig.events():
+            if isinstance(event, CallFailed | CallAttemptFailed | PrepareFailed):
+                assert isinstance(event.error, ModemError)
+        rig.sent()
+        if rig.d.state in (State.IDLE, State.READY):
+            assert rig.d.next_deadline() is None
+            assert not rig.d.in_call
