@@ -35,6 +35,10 @@ with that result; ``no_carrier_after`` drops the call after that many data
 bytes (both directions together); ``ber`` flips bits of data in both
 directions with a seeded generator, so a run replays.  ``error_first``
 answers ERROR to the first command after power-up (the USR5637 quirk).
+:meth:`HayesModem.power_off` and :meth:`HayesModem.power_on` model a modem
+losing power and coming back (factory settings, ``error_first`` again), and
+:meth:`HayesModem.commands` lists the last :data:`COMMAND_HISTORY` command
+lines, so tests can check what a driver sent.
 
 What it does not model: modem-control lines (DTR, DCD, RTS/CTS: a pty has
 none, so carrier loss is signalled in-band with NO CARRIER and DTR hang-up
@@ -60,6 +64,10 @@ from firmware.common.errors import ConfigError
 
 #: Registers S0..S38 exist; higher numbers answer ERROR.
 REGISTER_COUNT: Final = 39
+
+#: Command lines remembered for :meth:`HayesModem.commands`: a few calls'
+#: worth (each is five or six lines), bounded so a long run stays small.
+COMMAND_HISTORY: Final = 256
 
 #: Hayes factory defaults (S3 CR, S4 LF, S5 BS, S7 carrier wait 50 s, S12
 #: guard 50/50 s...); unlisted registers read 0.
@@ -229,6 +237,8 @@ class HayesModem:
         self._seen_a = False
         self._in_command = False
         self._first_command = config.error_first
+        self._powered = True
+        self._history: deque[str] = deque(maxlen=COMMAND_HISTORY)
         self._deadline: float | None = None
         self._last_dte = float("-inf")
         self._plus_count = 0
@@ -264,6 +274,35 @@ class HayesModem:
     def statistics(self) -> dict[str, int]:
         """Return counters: commands, dials, connects, escapes, drops, bit errors."""
         return dict(self._stats)
+
+    def commands(self) -> list[str]:
+        """Return the last command lines executed, oldest first, as typed
+        (``"ATZ"``, ``"ATDT5551234"``; case kept, CR dropped)."""
+        return list(self._history)
+
+    @property
+    def powered(self) -> bool:
+        """False between :meth:`power_off` and :meth:`power_on`."""
+        return self._powered
+
+    def power_off(self, now: float) -> None:
+        """Lose power: a call drops without a word, and the DTE's bytes go nowhere."""
+        del now
+        self._hang_up()  # the line closes: the far end sees the call end
+        self._registers[1] = 0
+        self._dte_out.clear()
+        self._powered = False
+
+    def power_on(self, now: float) -> None:
+        """Power returns: factory settings, and (``error_first``) ERROR to the
+        first command, as after any power-up."""
+        del now
+        self._factory_reset()
+        self._command.clear()
+        self._in_command = False
+        self._seen_a = False
+        self._first_command = self.config.error_first
+        self._powered = True
 
     def pending_command_length(self) -> int:
         """Characters of the command line being typed (bounded by MAX_COMMAND + 1)."""
@@ -318,6 +357,8 @@ class HayesModem:
 
     def receive_from_dte(self, data: bytes, now: float) -> None:
         """Consume bytes the DTE wrote to the serial port."""
+        if not self._powered:
+            return
         for byte in data:
             if self._state is ModemState.ONLINE:
                 self._online_byte(byte, now)
@@ -362,7 +403,7 @@ class HayesModem:
 
     def incoming_call(self, now: float) -> bool:
         """A call arrives (answer mode).  Return False if the modem cannot take it."""
-        if self._state is not ModemState.COMMAND or self._line_open:
+        if self._state is not ModemState.COMMAND or self._line_open or not self._powered:
             return False
         self._line_open = True
         self._state = ModemState.RINGING
@@ -423,6 +464,7 @@ class HayesModem:
 
     def _execute(self, line: str, now: float) -> None:
         self._stats["commands"] += 1
+        self._history.append(f"AT{line}")
         if self._first_command:
             self._first_command = False
             self._result("ERROR")

@@ -176,6 +176,17 @@ class ModemEmulator:
         if error is not None:
             raise error
 
+    def power_off(self) -> None:
+        """Cut the emulated modem's power (see :meth:`HayesModem.power_off`)."""
+        self.core.power_off(self._now())
+        self._pending.clear()
+        self._wake.set()
+
+    def power_on(self) -> None:
+        """Restore the emulated modem's power (see :meth:`HayesModem.power_on`)."""
+        self.core.power_on(self._now())
+        self._wake.set()
+
     async def wait_failed(self) -> None:
         """Return (raising its error) when the service loop stops."""
         if self._run_task is not None:
