@@ -39,6 +39,7 @@ from firmware.outer.modem.errors import (
     NoCarrier,
     NoDialtone,
 )
+from host_tools.sim.hayes import HayesConfig, HayesModem, OpenLine
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -1227,3 +1228,95 @@ def test_any_modem_behaviour_keeps_a_ready_core_consistent(
         if rig.d.state in (State.IDLE, State.READY):
             assert rig.d.next_deadline() is None
             assert not rig.d.in_call
+
+
+# ------------------------------------------- against the emulator's core
+
+
+class Pair:
+    """The dialler core wired to the modem emulator's core, under one fake clock."""
+
+    def __init__(self, **hayes: object) -> None:
+        fields: dict[str, object] = {"phonebook": {"5551234": "127.0.0.1:7000"}, **hayes}
+        self.modem = HayesModem(HayesConfig(**fields))  # type: ignore[arg-type]
+        self.d = Dialler(DiallerConfig(number="5551234", seed=3, keep_ready=True))
+        self.now = 0.0
+        self.events: list[DiallerEvent] = []
+
+    def pump(self) -> None:
+        for _ in range(50):
+            to_modem = self.d.bytes_to_send()
+            if to_modem:
+                self.modem.receive_from_dte(to_modem, self.now)
+            to_dialler = self.modem.bytes_to_dte(self.now)
+            if to_dialler:
+                self.d.receive_bytes(to_dialler, self.now)
+            while (action := self.modem.next_event()) is not None:
+                if isinstance(action, OpenLine):
+                    self.modem.line_connected(self.now)
+            while (event := self.d.next_event()) is not None:
+                self.events.append(event)
+            if not to_modem and not to_dialler:
+                return
+
+    def run_until(self, *states: State) -> None:
+        for _ in range(2000):
+            self.pump()
+            if self.d.state in states:
+                return
+            times = [t for t in (self.d.next_deadline(), self.modem.next_deadline()) if t]
+            self.now = max(self.now + 0.01, min(times)) if times else self.now + 1.0
+            self.d.handle_deadline(self.now)
+            self.modem.handle_deadline(self.now)
+        raise AssertionError(f"stuck in {self.d.state}")
+
+    def take_commands(self, since: int) -> list[str]:
+        return self.modem.commands()[since:]
+
+
+def test_emulated_modem_prepared_then_dialled_from_ready() -> None:
+    pair = Pair()
+    pair.d.prepare(pair.now)
+    pair.run_until(State.READY)
+    assert pair.modem.commands() == ["ATZ", "ATQ0 V1 E1 S0=0 &C1 &D2"]
+    pair.d.dial(pair.now)
+    pair.run_until(State.ONLINE)
+    assert pair.take_commands(2) == ["AT", "ATDT5551234"]
+    assert pair.events[-1] == Connected(33600, "", "CONNECT 33600")
+    pair.d.hangup(pair.now)
+    pair.run_until(State.READY)
+    assert HungUp(clean=True) in pair.events
+    # escape, ATH0, then the next call's preparation at once
+    assert pair.take_commands(4) == ["ATH0", "ATZ", "ATQ0 V1 E1 S0=0 &C1 &D2"]
+
+
+def test_emulated_modem_power_cycled_while_ready_is_reset_before_the_dial() -> None:
+    pair = Pair(error_first=True)
+    pair.d.prepare(pair.now)
+    pair.run_until(State.READY)
+    # ERROR to the first ATZ after power-up, then the reset and init
+    assert pair.modem.commands() == ["ATZ", "ATZ", "ATQ0 V1 E1 S0=0 &C1 &D2"]
+    pair.modem.power_off(pair.now)
+    pair.modem.power_on(pair.now)
+    pair.d.dial(pair.now)
+    pair.run_until(State.ONLINE)
+    assert pair.take_commands(3) == ["AT", "ATZ", "ATQ0 V1 E1 S0=0 &C1 &D2", "ATDT5551234"]
+    assert pair.d.statistics()["probe_failures"] == 1
+
+
+def test_emulated_modem_without_power_fails_the_dial_then_comes_back() -> None:
+    pair = Pair()
+    pair.d.prepare(pair.now)
+    pair.run_until(State.READY)
+    pair.modem.power_off(pair.now)
+    pair.d.dial(pair.now)
+    pair.run_until(State.IDLE)
+    [failed] = [e for e in pair.events if isinstance(e, CallFailed)]
+    assert isinstance(failed.error, ModemTimeout)
+    assert pair.d.statistics()["probe_failures"] == 1
+    assert pair.d.next_deadline() is None  # no preparation loop on a dead modem
+    assert pair.modem.commands() == ["ATZ", "ATQ0 V1 E1 S0=0 &C1 &D2"]  # it heard nothing
+    pair.modem.power_on(pair.now)
+    pair.d.dial(pair.now)
+    pair.run_until(State.ONLINE)
+    assert pair.take_commands(2) == ["ATZ", "ATQ0 V1 E1 S0=0 &C1 &D2", "ATDT5551234"]
