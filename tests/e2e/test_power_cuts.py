@@ -280,7 +280,7 @@ class PowerCuts:
         self.wait_for(
             lambda: before.state == "powered off",
             RECOVER_S,
-            f"{name} did not go down with its power (state {before.state!r})",
+            f"{name} did not go down with its power",
         )
 
         def booted() -> bool:
