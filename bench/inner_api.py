@@ -11,16 +11,22 @@ Rows (same machine, same run, same client):
   handler does the same work in-process (parse the Optogate-Params header,
   return the body and a result header) - the ceiling the daemon is compared to.
 
-The client is one process with ``--clients`` keep-alive TLS connections
-(aiohttp), each sending calls back to back for ``--seconds`` after a warm-up.
-Also printed: the daemon's resident memory when idle (the daemon alone, and
-with its warm workers).  The outer module and central are played by the
-integration tests' scripted peer on loopback (the link is idle during the
-measurement).
+The client is one process with ``--clients`` keep-alive TLS connections,
+each sending calls back to back for ``--seconds`` after a warm-up: an
+aiohttp client in this process (``--client aiohttp``, the default), or
+``wrk`` (``--client wrk``, if installed: a C client that needs several times
+less CPU per call, so that on a small machine the client does not take the
+CPU the servers need; its warm-up is a first, unmeasured run).  Each row
+also gives the CPU the server used per call (the daemon's process alone, and
+with its workers) and the cores the client used: a client near one full
+core is the bottleneck, and then the row measures the client.  Also printed:
+the daemon's resident memory when idle (the daemon alone, and with its warm
+workers).  The outer module and central are played by the integration
+tests' scripted peer on loopback (the link is idle during the measurement).
 
 Usage::
 
-    .venv/bin/python bench/inner_api.py [--clients 16] [--seconds 10] [--markdown]
+    .venv/bin/python bench/inner_api.py [--clients 16] [--seconds 10] [--client wrk]
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import resource
+import shutil
 import ssl
 import sys
 import tempfile
@@ -112,15 +121,105 @@ async def load(
     return len(latencies) / elapsed, latencies, errors
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = string.rep("x", 64)
+wrk.headers["Authorization"] = "Bearer {key}"
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Optogate-Params"] = '{{"text": "hello"}}'
+"""
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+async def load_wrk(
+    url: str, key: str, clients: int, seconds: float
+) -> tuple[float, float, float, int]:
+    """Return (calls/s, p50 ms, p99 ms, errors) of ``wrk`` with ``clients`` connections."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT.format(key=key))
+    try:
+        out = ""
+        for duration in (2, max(1, round(seconds))):  # warm-up, then the measured run
+            proc = await asyncio.create_subprocess_exec(
+                "wrk",
+                "-t1",
+                f"-c{clients}",
+                f"-d{duration}s",
+                "--latency",
+                "-s",
+                f.name,
+                url + "/v1/services/echo/call",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out = (await proc.communicate())[0].decode()
+    finally:
+        os.unlink(f.name)
+
+    def ms(label: str) -> float:
+        m = re.search(label + r"\s+([\d.]+)(us|ms|s)\b", out)
+        assert m is not None, out
+        return float(m.group(1)) * _WRK_UNITS[m.group(2)]
+
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert rate is not None, out
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    return float(rate.group(1)), ms("50%"), ms("99%"), errors
+
+
+def children(pid: int) -> list[int]:
+    """Return the PIDs of the children of ``pid``."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+    return kids
+
+
+def cpu_s(pid: int) -> float:
+    """Return the CPU seconds (user + system) ``pid`` has used, 0 if it is gone."""
+    with contextlib.suppress(OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def client_cpu_s() -> float:
+    """Return the CPU seconds this process and its reaped children (wrk) have used."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+Row = tuple[str, float, float, float, int, float, float, float]
+
+
+async def measure(
+    name: str, url: str, key: str, ca: Path, pid: int, args: argparse.Namespace
+) -> Row:
+    """Load ``url`` and return (name, calls/s, p50, p99, errors, server us/call
+    (process alone, and with its children), client cores)."""
+    kids = children(pid)
+    own0, kids0, client0 = cpu_s(pid), sum(map(cpu_s, kids)), client_cpu_s()
+    wall0 = time.perf_counter()
+    if args.client == "wrk":
+        rate, p50, p99, errors = await load_wrk(url, key, args.clients, args.seconds)
+    else:
+        rate, lat, errors = await load(url, key, ca, args.clients, args.seconds)
+        p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
+    wall = time.perf_counter() - wall0
+    own = cpu_s(pid) - own0
+    tree = own + sum(map(cpu_s, kids)) - kids0
+    calls = max(1.0, rate * wall)
+    client = (client_cpu_s() - client0) / wall
+    return (name, rate, p50, p99, errors, own / calls * 1e6, tree / calls * 1e6, client)
+
+
 def rss_kib(pid: int, *, with_children: bool) -> int:
     """Return VmRSS of ``pid`` (and its children) in KiB."""
-    pids = [pid]
-    if with_children:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, IndexError):
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                        pids.append(int(entry.name))
+    pids = [pid, *(children(pid) if with_children else [])]
     total = 0
     for p in pids:
         with contextlib.suppress(OSError):
@@ -135,9 +234,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def main_async(args: argparse.Namespace) -> list[tuple[str, float, float, float, int]]:
+async def main_async(args: argparse.Namespace) -> list[Row]:
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("--client wrk: wrk is not installed")
     link_port = free_port()
-    rows = []
+    rows: list[Row] = []
     with provisioned(link_port, pool_size=args.workers) as gw:
         peer = CentralPeer(gw)
         key = generate_api_key()
@@ -168,10 +269,11 @@ async def main_async(args: argparse.Namespace) -> list[tuple[str, float, float, 
             assert daemon.proc is not None
             idle_daemon = rss_kib(daemon.proc.pid, with_children=False)
             idle_all = rss_kib(daemon.proc.pid, with_children=True)
-            rate, lat, errors = await load(
-                daemon.url, key.secret, gw.ca_file, args.clients, args.seconds
+            rows.append(
+                await measure(
+                    "inner daemon, echo", daemon.url, key.secret, gw.ca_file, daemon.proc.pid, args
+                )
             )
-            rows.append(("inner daemon, echo", rate, pct(lat, 0.5), pct(lat, 0.99), errors))
             await asyncio.sleep(1.5)  # the status file is rewritten every second
             usage = json.loads((gw.state / "status.json").read_text())["usage"]
             group = usage["appended"] / max(1, usage["commits"])
@@ -186,10 +288,12 @@ async def main_async(args: argparse.Namespace) -> list[tuple[str, float, float, 
             )
             await asyncio.sleep(1.5)
             os.unlink(f.name)
-            rate, lat, errors = await load(
-                f"https://127.0.0.1:{bare_port}", key.secret, gw.ca_file, args.clients, args.seconds
+            bare_url = f"https://127.0.0.1:{bare_port}"
+            rows.append(
+                await measure(
+                    "bare aiohttp, echo", bare_url, key.secret, gw.ca_file, bare.pid, args
+                )
             )
-            rows.append(("bare aiohttp, echo", rate, pct(lat, 0.5), pct(lat, 0.99), errors))
         finally:
             if bare is not None:
                 bare.terminate()
@@ -201,17 +305,21 @@ async def main_async(args: argparse.Namespace) -> list[tuple[str, float, float, 
     return rows
 
 
-def print_table(
-    rows: list[tuple[str, float, float, float, int]],
-    idle: int,
-    idle_all: int,
-    args: argparse.Namespace,
-) -> None:
-    print(f"{args.clients} keep-alive TLS 1.3 clients, {args.seconds:g} s per row, loopback")
-    print("| row | calls/s | p50 ms | p99 ms | errors |")
-    print("|-----|--------:|-------:|-------:|-------:|")
-    for name, rate, p50, p99, errors in rows:
-        print(f"| {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {errors} |")
+def print_table(rows: list[Row], idle: int, idle_all: int, args: argparse.Namespace) -> None:
+    print(
+        f"{args.clients} keep-alive TLS 1.3 clients ({args.client}), {args.seconds:g} s per row,"
+        f" loopback; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| row | calls/s | p50 ms | p99 ms | errors | server CPU us/call"
+        " (process / with workers) | client cores |"
+    )
+    print("|-----|--------:|-------:|-------:|-------:|------:|------:|")
+    for name, rate, p50, p99, errors, own_us, tree_us, client in rows:
+        print(
+            f"| {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {errors} |"
+            f" {own_us:.0f} / {tree_us:.0f} | {client:.2f} |"
+        )
     if len(rows) == 2:
         print(f"\ninner / bare throughput: {rows[0][1] / rows[1][1]:.0%}")
     print(
@@ -224,6 +332,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2, help="warm workers of the service")
+    parser.add_argument("--client", choices=("aiohttp", "wrk"), default="aiohttp")
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     asyncio.run(main_async(parser.parse_args()))
 
