@@ -13,7 +13,11 @@ setting DTR fails and the dialler falls back to the escape sequence.
 on it: a single task feeds the core what the port reads, writes what the core
 sends, applies its :class:`~firmware.outer.modem.dialler.SetDTR` actions and
 sleeps until its next deadline (every wait in the core has one, so no
-operation here can hang).  Once connected, the call's data stream is exposed
+operation here can hang).  With ``keep_ready`` in the configuration the
+modem is prepared (reset and initialised) as soon as the port is open, and
+again by the core after each call, so a dial finds it READY; a preparation
+that fails is logged (``prepare_failed``) and kept in ``prepare_error``,
+and the next dial runs the full reset.  Once connected, the call's data stream is exposed
 with a deliberately small interface for the framed link session::
 
     conn = await ModemConnection.open("/dev/ttyACM0", DiallerConfig(number="5551234"))
@@ -50,6 +54,8 @@ from firmware.outer.modem.dialler import (
     Dialler,
     DiallerConfig,
     HungUp,
+    PrepareFailed,
+    Ready,
     Ringing,
     SetDTR,
     State,
@@ -249,7 +255,8 @@ class ModemConnection:
 
     Create with :meth:`open`.  ``speed`` and ``protocol`` describe the call
     once connected; ``carrier_lost`` is set when the line drops; an optional
-    ``on_carrier_lost`` callback runs at the same moment.
+    ``on_carrier_lost`` callback runs at the same moment.  ``prepare_error``
+    says why the last preparation failed ("" once the modem is READY again).
     """
 
     def __init__(self, port: ModemPort, config: DiallerConfig, log: Log = _no_log) -> None:
@@ -270,10 +277,14 @@ class ModemConnection:
         self._wake = asyncio.Event()
         self._closed = False
         self._logged_state = self._core.state
+        self._state_changed = asyncio.Event()
         self._dcd_seen = False
+        self.prepare_error = ""
         port.on_data = self._on_data
         port.on_error = self._on_error
         self._task = asyncio.create_task(self._run(), name=f"modem {port.path}")
+        if config.keep_ready:
+            self._core.prepare(self._now())  # the task sends it as it starts
 
     @classmethod
     async def open(
@@ -284,7 +295,8 @@ class ModemConnection:
         baudrate: int = DEFAULT_BAUDRATE,
         log: Log = _no_log,
     ) -> ModemConnection:
-        """Open the modem's port and return an idle connection.
+        """Open the modem's port and return the connection: idle, or (with
+        ``keep_ready``) preparing the modem.
 
         Raises PortError if the port cannot be opened.
         """
@@ -313,14 +325,35 @@ class ModemConnection:
         """True if hang-up uses DTR and carrier is read from DCD."""
         return self._port.has_modem_control
 
+    @property
+    def port_error(self) -> PortError | None:
+        """How the port failed (the USB modem was unplugged...), or None."""
+        return self._error
+
     def statistics(self) -> dict[str, int]:
         """Return the dialler's counters."""
         return self._core.statistics()
+
+    async def wait_prepared(self) -> bool:
+        """Wait while the modem is being prepared; return True if it rests READY.
+
+        Every step of a preparation has a deadline, so this cannot hang.
+        Raises PortError if the port failed or the connection is closed.
+        """
+        while self._core.preparing:
+            self._check_port()
+            self._state_changed.clear()
+            await self._state_changed.wait()
+        self._check_port()
+        return self._core.state is State.READY
 
     # ----------------------------------------------------------------- calls
 
     async def dial(self) -> Connected:
         """Call the configured number (with the configured retries).
+
+        A READY modem is probed with AT and dialled at once; an idle one is
+        reset and initialised first; a preparation under way is waited for.
 
         Returns the Connected event.  Raises the last attempt's ModemError
         (Busy, NoAnswer, NoDialtone, NoCarrier, ModemTimeout,
@@ -414,7 +447,7 @@ class ModemConnection:
         """Hang up if a call is up, then stop and close the port (idempotent)."""
         if self._closed:
             return
-        if self._error is None and self._core.state is not State.IDLE:
+        if self._error is None and self._core.in_call:
             with contextlib.suppress(ModemError, PortError):
                 await self.hangup()
         self._closed = True
@@ -422,6 +455,7 @@ class ModemConnection:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._port.close()
+        self._state_changed.set()
 
     # ---------------------------------------------------------------- driver
 
@@ -483,6 +517,13 @@ class ModemConnection:
                 self._log("call_failed", error=repr(event.error), attempts=event.attempts)
                 if self._call is not None and not self._call.done():
                     self._call.set_exception(event.error)
+            elif isinstance(event, Ready):
+                self.prepare_error = ""
+                self._log("ready")
+            elif isinstance(event, PrepareFailed):
+                # not fatal: the modem rests idle and the next dial resets it in full
+                self.prepare_error = str(event.error) or type(event.error).__name__
+                self._log("prepare_failed", error=repr(event.error))
             elif isinstance(event, Ringing):
                 self._log("ringing", count=event.count)
             elif isinstance(event, CarrierLost):
@@ -505,6 +546,7 @@ class ModemConnection:
         state = self._core.state
         if state is not self._logged_state:
             self._logged_state = state
+            self._state_changed.set()
             self._log("state", state=state.value)
 
     def _lost(self) -> None:
@@ -527,6 +569,7 @@ class ModemConnection:
         if self._core.state is State.ONLINE:
             self._lost()
         self._readable.set()
+        self._state_changed.set()
 
 
 class ModemTransport:

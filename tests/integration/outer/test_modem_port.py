@@ -24,6 +24,7 @@ from firmware.outer.modem.errors import (
     Busy,
     CallAbandoned,
     CallLimitReached,
+    ModemTimeout,
     NoAnswer,
     NoCarrier,
 )
@@ -536,3 +537,86 @@ async def test_hangup_of_a_modem_that_dropped_unnoticed_is_clean() -> None:
         assert conn.state is State.IDLE
         assert modem.core.statistics()["escapes"] == 0  # it was never online to escape
         assert modem.core.state.value == "command"
+
+
+# ------------------------------------------------ ready between calls
+
+
+@pytest.mark.timeout(20)
+async def test_ready_modem_is_dialled_after_a_probe_only() -> None:
+    async with rig(fast_config(keep_ready=True)) as (modem, conn):
+        assert await conn.wait_prepared()
+        assert conn.state is State.READY
+        assert modem.core.commands() == ["ATZ", FAST_INIT]
+        await conn.dial()
+        assert modem.core.commands()[2:] == ["AT", "ATDT5551234"]
+        conn.write(b"ping")
+        assert await read_exactly(conn, 4) == b"ping"
+        await conn.hangup()
+        # prepared again straight after the hang-up, off the next call's path
+        assert await conn.wait_prepared()
+        assert modem.core.commands()[4:] == ["ATH0", "ATZ", FAST_INIT]
+        await conn.dial()
+        assert modem.core.commands()[7:] == ["AT", "ATDT5551234"]
+        stats = conn.statistics()
+        assert (stats["prepares"], stats["ready_dials"], stats["probe_failures"]) == (2, 2, 0)
+
+
+@pytest.mark.timeout(20)
+async def test_power_cycled_modem_is_reset_before_the_dial() -> None:
+    async with rig(fast_config(keep_ready=True), error_first=True) as (modem, conn):
+        assert await conn.wait_prepared()
+        modem.power_off()
+        modem.power_on()  # it answers ERROR to the first command again
+        await conn.dial()
+        assert modem.core.commands()[3:] == ["AT", "ATZ", FAST_INIT, "ATDT5551234"]
+        assert conn.statistics()["probe_failures"] == 1
+
+
+@pytest.mark.timeout(30)
+async def test_modem_without_power_fails_the_dial_once_then_recovers() -> None:
+    config = fast_config(keep_ready=True, command_timeout=0.5, max_attempts=1)
+    async with rig(config) as (modem, conn):
+        assert await conn.wait_prepared()
+        modem.power_off()
+        with pytest.raises(ModemTimeout):
+            await conn.dial()  # no OK to the probe, then none to three resets
+        assert conn.state is State.IDLE  # and it stays there: no retry loop
+        assert modem.core.commands() == ["ATZ", FAST_INIT]
+        modem.power_on()
+        await conn.dial()
+        assert modem.core.commands()[2:] == ["ATZ", FAST_INIT, "ATDT5551234"]
+
+
+@pytest.mark.timeout(30)
+async def test_failed_preparation_is_reported_and_left_for_the_next_dial() -> None:
+    config = fast_config(keep_ready=True, command_timeout=0.5)
+    async with echo_server() as address, emulator(address) as modem:
+        modem.power_off()
+        async with await ModemConnection.open(modem.port_path, config) as conn:
+            assert not await conn.wait_prepared()
+            assert conn.state is State.IDLE
+            assert "ATZ" in conn.prepare_error
+            assert conn.statistics()["prepare_failures"] == 1
+            modem.power_on()
+            await conn.dial()
+            assert modem.core.commands() == ["ATZ", FAST_INIT, "ATDT5551234"]
+            await conn.hangup()
+            assert await conn.wait_prepared()
+            assert conn.prepare_error == ""
+
+
+@pytest.mark.timeout(20)
+async def test_modem_is_prepared_again_after_an_in_band_drop() -> None:
+    async with rig(fast_config(keep_ready=True), no_carrier_after=300) as (modem, conn):
+        assert await conn.wait_prepared()
+        await conn.dial()
+        conn.write(bytes(1000))
+        while await conn.read():
+            pass
+        assert conn.carrier_lost.is_set()
+        await conn.hangup()  # nothing to do: the modem dropped the call
+        assert await conn.wait_prepared()
+        assert modem.core.commands()[2:] == ["AT", "ATDT5551234", "ATZ", FAST_INIT]
+        await conn.dial()
+        assert modem.core.commands()[6:] == ["AT", "ATDT5551234"]
