@@ -446,9 +446,7 @@ class InnerDaemon:
                 timeout=self.config.link.sync_timeout_s,
                 expect=messages.SyncData,
             )
-            self.trust.receive_sync_metadata(reply.sealed, time.monotonic())
-            if reply.sealed_licences:
-                self.trust.receive_licence_set(reply.sealed_licences, time.monotonic())
+            self.trust.receive_sync(reply.sealed, reply.sealed_licences, time.monotonic())
         except (LinkError, RemoteError, OptogateError) as e:
             self.stats["sync_failures"] += 1
             self.log("sync_failed", error=f"{type(e).__name__}: {e}")

@@ -11,8 +11,15 @@ Files under ``state_dir`` (all written atomically, mode 0600)::
 
     versions.json           highest accepted version of every object and licence
     time.json               trusted-time high-water mark and anchor
-    sync-metadata.sealed    the last accepted sync metadata, as received
-    licences.sealed         the last accepted licence set, as received
+    sync.cbor               the last accepted sync metadata and the licence set
+                            in force, as received, in one file: [metadata, licences]
+
+The metadata and the licence set it lists are written together: a power cut
+between two separate writes could leave metadata naming a licence set that is
+not on disk, and the mix-and-match protection would then refuse the old one
+at the next start, leaving every call at 503 until central is reached.
+(``sync-metadata.sealed`` and ``licences.sealed``, the earlier pair of files,
+are still read when ``sync.cbor`` is absent.)
 
 On start the stored sealed objects are opened again (signature, recipient,
 expiry and version all re-checked), so a tampered file is simply ignored and
@@ -34,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import cbor2
+
 from firmware.common.crypto.errors import InvalidObject, StaleMetadata
 from firmware.common.crypto.freshness import SyncVerifier, load_registry, save_registry
 from firmware.common.crypto.keys import RecipientKey, VerifyKey
@@ -44,6 +53,8 @@ from firmware.inner.trusted_time import TrustedClock, TrustedTimeStore
 
 REGISTRY_FILE = "versions.json"
 TIME_FILE = "time.json"
+SYNC_FILE = "sync.cbor"
+#: The earlier layout: one file each, written one after the other.
 METADATA_FILE = "sync-metadata.sealed"
 LICENCES_FILE = "licences.sealed"
 
@@ -85,6 +96,8 @@ class GatewayTrust:
             registry=load_registry(self._dir / REGISTRY_FILE),
         )
         self._licences: LicenceSet | None = None
+        self._metadata_bytes: bytes | None = None  # as persisted, to rewrite with new licences
+        self._licence_bytes = b""
         self._readopt(mono)
 
     def _read(self, name: str) -> bytes | None:
@@ -93,22 +106,43 @@ class GatewayTrust:
         except OSError:
             return None
 
+    def _stored_sync(self) -> tuple[bytes | None, bytes]:
+        """Return the stored (metadata, licences); what cannot be read counts as absent."""
+        data = self._read(SYNC_FILE)
+        if data is None:
+            return self._read(METADATA_FILE), self._read(LICENCES_FILE) or b""
+        try:
+            pair = cbor2.loads(data)
+        except Exception:  # a damaged file: as if there were none, central will resend
+            return None, b""
+        if type(pair) is not list or len(pair) != 2 or not all(type(p) is bytes for p in pair):
+            return None, b""
+        return pair[0], pair[1]
+
     def _readopt(self, mono: float) -> None:
         """Open the stored metadata and licence set again; ignore what no longer opens."""
         now = self._clock.now(mono)
-        meta = self._read(METADATA_FILE)
+        meta, lics = self._stored_sync()
         if meta is None:
             return
         try:
             self._verifier.accept_sync_metadata(meta, now)
         except InvalidObject:  # expired, rolled back, tampered: wait for central
             return
-        lics = self._read(LICENCES_FILE)
-        if lics is not None:
+        self._metadata_bytes = meta
+        if lics:
             try:
                 self._licences = self._verifier.accept_licence_set(lics, now)
+                self._licence_bytes = lics
             except (InvalidObject, StaleMetadata):
                 self._licences = None
+
+    def _persist_sync(self) -> None:
+        """Write the metadata and licence set in force as one file, then the registry."""
+        if self._metadata_bytes is not None:
+            pair = cbor2.dumps([self._metadata_bytes, self._licence_bytes])
+            atomic_write(self._dir / SYNC_FILE, pair)
+        save_registry(self._dir / REGISTRY_FILE, self._verifier.registry)
 
     @property
     def licences(self) -> LicenceSet | None:
@@ -129,18 +163,36 @@ class GatewayTrust:
         if self._clock.should_persist(mono):
             self._time_store.save(self._clock.state(mono))
 
-    def receive_sync_metadata(self, data: bytes, mono: float) -> Opened:
-        """Adopt new sync metadata and central's signed time; persist both; return it opened.
+    def receive_sync(self, metadata: bytes, licences: bytes, mono: float) -> Opened:
+        """Adopt a sync: new metadata, central's signed time and (if sent) the licence set.
 
-        Raises InvalidObject, ExpiredObject, RollbackError (state unchanged)
-        or StorageError (accepted in memory, not on disk).
+        ``licences`` empty means central found the set in force unchanged.
+        Both are persisted in one atomic write.  Raises InvalidObject,
+        ExpiredObject, RollbackError (state unchanged when the metadata is
+        refused; when only the licence set is, the metadata is adopted and
+        persisted with the set already in force) or StorageError (accepted
+        in memory, not on disk).
         """
-        opened = self._verifier.accept_sync_metadata(data, self._clock.now(mono))
-        atomic_write(self._dir / METADATA_FILE, bytes(data))
-        save_registry(self._dir / REGISTRY_FILE, self._verifier.registry)
+        now = self._clock.now(mono)
+        opened = self._verifier.accept_sync_metadata(metadata, now)
+        self._metadata_bytes = bytes(metadata)
+        refused: InvalidObject | StaleMetadata | None = None
+        if licences:
+            try:
+                self._licences = self._verifier.accept_licence_set(licences, now)
+                self._licence_bytes = bytes(licences)
+            except (InvalidObject, StaleMetadata) as e:
+                refused = e
+        self._persist_sync()
         self._clock.observe_signed_time(opened.header.created, mono)
         self._time_store.save(self._clock.state(mono))
+        if refused is not None:
+            raise refused
         return opened
+
+    def receive_sync_metadata(self, data: bytes, mono: float) -> Opened:
+        """Adopt new sync metadata alone (the licence set unchanged); see :meth:`receive_sync`."""
+        return self.receive_sync(data, b"", mono)
 
     def receive_licence_set(self, data: bytes, mono: float) -> LicenceSet:
         """Adopt a new licence set listed by the current metadata; persist it; return it.
@@ -149,9 +201,9 @@ class GatewayTrust:
         (state unchanged) or StorageError.
         """
         licences = self._verifier.accept_licence_set(data, self._clock.now(mono))
-        atomic_write(self._dir / LICENCES_FILE, bytes(data))
-        save_registry(self._dir / REGISTRY_FILE, self._verifier.registry)
         self._licences = licences
+        self._licence_bytes = bytes(data)
+        self._persist_sync()
         return licences
 
     def receive_bundle(self, data: bytes, service: str, mono: float) -> Opened:

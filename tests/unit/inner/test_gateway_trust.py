@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from firmware.common.crypto.apikeys import generate_api_key
@@ -14,6 +15,7 @@ from firmware.common.crypto.errors import InvalidObject, RollbackError
 from firmware.common.crypto.freshness import ObjectRef, RegistryCorrupt, SyncMetadata
 from firmware.common.crypto.keys import RecipientKey, SigningKey
 from firmware.common.crypto.sealed import Kind, seal, verify_sealed
+from firmware.common.errors import StorageError
 from firmware.common.licence import Allow, Licence, LicenceSet, PaymentRequired, Revoked
 from firmware.inner.trust import GatewayTrust, SyncRequired
 
@@ -106,7 +108,7 @@ def test_sync_then_allow_then_reboot_keeps_working_offline(tmp_path: Path) -> No
     assert isinstance(call(trust, 10.0), SyncRequired)  # metadata, but no licence set yet
     trust.receive_licence_set(lics, 11.0)
     assert isinstance(call(trust, 12.0), Allow)
-    for name in ("versions.json", "time.json", "sync-metadata.sealed", "licences.sealed"):
+    for name in ("versions.json", "time.json", "sync.cbor"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
     # Reboot with no network: the stored objects are re-verified and used.
     again = boot(tmp_path, "b2", mono=0.5)
@@ -171,9 +173,8 @@ def test_rollback_refused_and_state_unchanged(tmp_path: Path) -> None:
     with pytest.raises(RollbackError):
         trust.receive_licence_set(old_lics, 1.0)
     assert (tmp_path / "versions.json").read_bytes() == registry_before
-    # An attacker who swaps the stored files for old ones gains nothing after reboot.
-    (tmp_path / "sync-metadata.sealed").write_bytes(old_meta)
-    (tmp_path / "licences.sealed").write_bytes(old_lics)
+    # An attacker who swaps the stored file for old objects gains nothing after reboot.
+    (tmp_path / "sync.cbor").write_bytes(cbor2.dumps([old_meta, old_lics]))
     again = boot(tmp_path, "b2")
     assert isinstance(call(again, 2.0), SyncRequired)
     assert again.licences is None
@@ -185,12 +186,50 @@ def test_tampered_stored_objects_are_ignored(tmp_path: Path) -> None:
     trust = boot(tmp_path, "b1")
     trust.receive_sync_metadata(central.metadata([lics], at=T), 0.0)
     trust.receive_licence_set(lics, 0.0)
-    data = bytearray((tmp_path / "licences.sealed").read_bytes())
+    meta, stored = cbor2.loads((tmp_path / "sync.cbor").read_bytes())
+    data = bytearray(stored)
     data[-1] ^= 1
-    (tmp_path / "licences.sealed").write_bytes(bytes(data))
+    (tmp_path / "sync.cbor").write_bytes(cbor2.dumps([meta, bytes(data)]))
     again = boot(tmp_path, "b2")
     assert again.licences is None
     assert isinstance(call(again, 2.0), SyncRequired)
+    (tmp_path / "sync.cbor").write_bytes(b"\xff not cbor")
+    assert boot(tmp_path, "b3").licences is None
+
+
+def test_a_power_cut_during_a_sync_leaves_the_previous_one_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metadata and the licence set it lists are one write: never one without the other."""
+    central = Central()
+    lics = central.licence_set(until=T + 30 * DAY)
+    trust = boot(tmp_path, "b1")
+    trust.receive_sync(central.metadata([lics], at=T), lics, 0.0)
+    renewed = central.licence_set(until=T + 60 * DAY)
+
+    def cut(path: Path, data: bytes, mode: int = 0o600) -> None:
+        raise StorageError("power cut")
+
+    monkeypatch.setattr("firmware.inner.trust.atomic_write", cut)
+    with pytest.raises(StorageError):
+        trust.receive_sync(central.metadata([renewed], at=T + 60), renewed, 1.0)
+    monkeypatch.undo()
+    again = boot(tmp_path, "b2")
+    assert isinstance(call(again, 2.0), Allow)  # the old sync, whole, still serves
+    assert again.licences is not None
+    assert max(lic.valid_until for lic in again.licences.licences) == T + 30 * DAY
+
+
+def test_the_earlier_two_file_layout_is_still_read(tmp_path: Path) -> None:
+    central = Central()
+    lics = central.licence_set(until=T + 30 * DAY)
+    trust = boot(tmp_path, "b1")
+    trust.receive_sync(central.metadata([lics], at=T), lics, 0.0)
+    meta, stored = cbor2.loads((tmp_path / "sync.cbor").read_bytes())
+    (tmp_path / "sync.cbor").unlink()
+    (tmp_path / "sync-metadata.sealed").write_bytes(meta)
+    (tmp_path / "licences.sealed").write_bytes(stored)
+    assert isinstance(call(boot(tmp_path, "b2"), 1.0), Allow)
 
 
 def test_corrupt_registry_stops_the_module(tmp_path: Path) -> None:
