@@ -157,6 +157,7 @@ class Appliance:
 
     state_dir: Path
     internet: bool = False
+    isolator: bool = False
     dial_delay: float = DEFAULT_DIAL_DELAY
     api_port: int = 0
     on_change: Callable[[Managed], None] | None = None
@@ -384,7 +385,13 @@ class Appliance:
             ProcessSpec(
                 "link",
                 optogate_argv(
-                    "sim", "link", "--baud", str(OPTICAL_BAUD), "--control", self.control
+                    "sim",
+                    "link",
+                    "--baud",
+                    str(OPTICAL_BAUD),
+                    "--control",
+                    self.control,
+                    *(["--isolator"] if self.isolator else []),
                 ),
                 first_json_line("a", "b", "control"),
                 SIM_READY_S,
@@ -678,6 +685,7 @@ def appliance(
     state: Path | None = None,
     *,
     internet: bool = False,
+    isolator: bool = False,
     dial_delay: float = DEFAULT_DIAL_DELAY,
     api_port: int = 0,
     on_change: Callable[[Managed], None] | None = None,
@@ -687,6 +695,8 @@ def appliance(
 ) -> Iterator[Appliance]:
     """Provision and start an appliance; stop it (and remove a temporary state) on exit.
 
+    ``isolator`` puts the protocol-break isolator's filter on the optical
+    line (the link simulator's ``--isolator``).
     ``expiring_after_s`` is how long after provisioning the ``echo`` licence
     ends (None: a year, like the others); the gateway's modem answers the
     first ``modem_busy`` dials BUSY; the inner module ships usage every
@@ -698,6 +708,7 @@ def appliance(
     app = Appliance(
         state_dir.resolve(),
         internet=internet,
+        isolator=isolator,
         dial_delay=dial_delay,
         api_port=api_port,
         on_change=on_change,
@@ -730,6 +741,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--state", type=Path, help="keep keys, config and logs here (an empty dir)")
     p.add_argument("--internet", action="store_true", help="TCP+TLS to central, no modem")
+    p.add_argument(
+        "--isolator",
+        action="store_true",
+        help="put the protocol-break isolator's filter on the optical line",
+    )
     p.add_argument("--tour", action="store_true", help="run the scripted walk-through and exit")
     p.add_argument("--port", type=int, default=0, help="LAN API port (default 8443 if free)")
     p.add_argument(
@@ -771,6 +787,7 @@ def main(argv: list[str], prog: str) -> int:
         with appliance(
             state,
             internet=args.internet,
+            isolator=args.isolator,
             dial_delay=args.dial_delay,
             api_port=args.port,
             on_change=view.changed,

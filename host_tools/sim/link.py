@@ -36,6 +36,8 @@ line cuts and power loss.  This module is only the asyncio adapter around it:
   JSON line: ``{"cmd": "cut"}``, ``{"cmd": "restore"}``, ``{"cmd": "set",
   "ber": .., "drop": .., "latency": ..}`` (any subset), ``{"cmd": "power",
   "side": "a", "on": false}`` (an unpowered side neither sends nor receives),
+  ``{"cmd": "inject", "side": "a", "hex": ".."}`` (bytes put on the line as
+  if that side had sent them, through the middlebox: forged frames in tests),
   ``{"cmd": "stats"}`` (counters per direction: ``bytes_in``,
   ``bytes_delivered``, ``bits_flipped``, ``bytes_dropped``, ``lost_cut``,
   ``lost_power``, ``lost_unheard``, ``overrun``, ``in_flight``; and the line
@@ -102,6 +104,8 @@ MAX_CONTROL_LINE: Final = 4096
 #: Bytes read from a master in one go while its reader is unregistered for
 #: lack of room are never more than the FIFO room; this caps one os.read().
 MAX_READ: Final = 65536
+#: Largest ``inject`` command: a few frames, not a way to fill memory.
+MAX_INJECT: Final = 65536
 
 _HANGUP: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -430,6 +434,21 @@ class LinkSimulator:
         port.reading = False
         self._wake.set()
 
+    def inject(self, side: str, data: bytes) -> None:
+        """Put ``data`` on the line as if ``side``'s module had sent it.
+
+        It goes through the middlebox, if any, like everything ``side``
+        sends: a test's forged or garbage frames, written by a process other
+        than the module that owns the port.  Raises UnknownSide.
+        """
+        check_side(side)
+        now = asyncio.get_running_loop().time()
+        if self._middlebox is not None:
+            data = self._middlebox.process(f"{side}->{'b' if side == 'a' else 'a'}", data)
+        self._model.transmit(side, data, now)
+        self._log("injected", side=side, bytes=len(data))
+        self._wake.set()
+
     def _read(self, port: _Port, now: float) -> None:
         if not port.open:
             return
@@ -477,6 +496,7 @@ class LinkSimulator:
             "stats": set(),
             "set": {"ber", "drop", "latency"},
             "power": {"side", "on"},
+            "inject": {"side", "hex"},
         }
         if cmd not in allowed:
             raise ControlError(f"unknown command {cmd!r}")
@@ -492,6 +512,16 @@ class LinkSimulator:
         elif cmd == "set":
             imp = self.set_impairments(**args)
             return {"ok": True, "ber": imp.ber, "drop": imp.drop, "latency": imp.latency}
+        elif cmd == "inject":
+            if not isinstance(args.get("hex"), str) or "side" not in args:
+                raise ControlError('inject needs "side" and "hex" (the bytes in hex)')
+            try:
+                data = bytes.fromhex(args["hex"])
+            except ValueError:
+                raise ControlError("inject: hex is not hexadecimal") from None
+            if len(data) > MAX_INJECT:
+                raise ControlError(f"inject: at most {MAX_INJECT} bytes at a time")
+            self.inject(check_side(args["side"]), data)
         else:  # power
             if "side" not in args or "on" not in args:
                 raise ControlError('power needs "side" and "on"')

@@ -131,6 +131,20 @@ async def test_a_middlebox_sees_each_direction_and_its_output_is_delivered() -> 
         assert s.stats()["middlebox"] == {"a->b": 5, "b->a": 3}
 
 
+async def test_injected_bytes_go_through_the_middlebox_as_if_that_side_sent_them() -> None:
+    box = Rot13Box()
+    async with LinkSimulator(baud=230400, middlebox=box) as s:
+        with opened(s.a_path, s.b_path) as (a, b):
+            await both_open(s)
+            assert s.handle_command({"cmd": "inject", "side": "a", "hex": b"Hi".hex()}) == {
+                "ok": True
+            }
+            assert await read_exactly(b, 2) == b"Uv"
+            s.handle_command({"cmd": "inject", "side": "b", "hex": "00ff"})
+            assert await read_exactly(a, 2) == b"\x00\xff"
+        assert s.stats()["middlebox"] == {"a->b": 2, "b->a": 2}
+
+
 async def test_a_failing_relay_is_raised_not_swallowed() -> None:
     async def run() -> None:
         async with LinkSimulator(middlebox=ExplodingBox()) as s:
@@ -165,6 +179,10 @@ async def test_commands_mirror_the_methods(sim: LinkSimulator) -> None:
         ({"cmd": "power", "side": "a", "on": 0}, ControlError),
         ({"cmd": "power", "on": False}, ControlError),
         ({"cmd": "reboot"}, ControlError),
+        ({"cmd": "inject", "side": "a", "hex": "zz"}, ControlError),
+        ({"cmd": "inject", "side": "a"}, ControlError),
+        ({"cmd": "inject", "side": "c", "hex": "00"}, UnknownSide),
+        ({"cmd": "inject", "side": "a", "hex": "00" * 65537}, ControlError),
         ({"command": "cut"}, ControlError),
         (["cut"], ControlError),
     ],
