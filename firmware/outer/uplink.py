@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import ssl
@@ -212,24 +213,47 @@ class InternetConnector:
 
 
 class DialupConnector:
-    """The modem: opened on first use and kept open; one call per connect."""
+    """The modem: its port opened early and kept open; one call per connect.
+
+    Made inside a running loop (as the daemon does), the connector opens the
+    port at once, so the modem is reset and initialised before the first
+    call; the dialler runs with ``keep_ready``, so it is prepared again after
+    every call and a dial needs only an AT probe before ATDT.  A port that
+    cannot be opened then, or a modem that fails its preparation, is logged
+    and shown in :meth:`status`, never raised: the next :meth:`open` tries
+    again on the full path.  Made outside a loop, the port opens on first use.
+    """
 
     name = "dialup"
 
     def __init__(self, config: DialupConfig, log: Log = _no_log) -> None:
         self._config = config
+        self._dialler = dataclasses.replace(config.dialler, keep_ready=True)
         self._log = log
         self._conn: ModemConnection | None = None
+        self._open_error = ""
+        self._opening: asyncio.Task[None] | None = None
         self.last_speed: int | None = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._opening = loop.create_task(self._open_early(), name=f"modem open {config.device}")
 
     async def open(self) -> Carrier:
         """Dial central.  Raises PortError (the modem's port) or ModemError (BUSY...)."""
         cfg = self._config
-        if self._conn is None:
-            self._conn = await ModemConnection.open(
-                cfg.device, cfg.dialler, baudrate=cfg.baudrate, log=self._modem_log
-            )
+        if self._opening is not None:
+            opening, self._opening = self._opening, None
+            await opening
         conn = self._conn
+        if conn is not None and conn.port_error is not None:
+            # the port failed while no call was up (the USB modem was unplugged):
+            # open it afresh rather than fail this call on the dead descriptor
+            await self._drop_port()
+            conn = None
+        if conn is None:
+            conn = await self._open_port()
         try:
             connected = await conn.dial()
         except PortError:
@@ -238,6 +262,24 @@ class DialupConnector:
         speed = connected.speed or cfg.default_speed
         self.last_speed = speed
         return Carrier(ModemTransport(conn), speed, f"{cfg.device} CONNECT {speed}")
+
+    async def _open_early(self) -> None:
+        with contextlib.suppress(PortError):  # logged and kept for status()
+            await self._open_port()
+
+    async def _open_port(self) -> ModemConnection:
+        cfg = self._config
+        try:
+            conn = await ModemConnection.open(
+                cfg.device, self._dialler, baudrate=cfg.baudrate, log=self._modem_log
+            )
+        except PortError as e:
+            self._open_error = str(e)
+            self._log("modem_open_failed", error=str(e))
+            raise
+        self._open_error = ""
+        self._conn = conn
+        return conn
 
     def _modem_log(self, event: str, **fields: object) -> None:
         self._log(f"modem_{event}", **fields)
@@ -249,16 +291,33 @@ class DialupConnector:
                 await conn.close()
 
     def status(self) -> dict[str, str | int | float | bool]:
-        """Return ``modem.state`` (the dialler's state, or ``closed``) and the last speed."""
+        """Return ``modem.state`` (the dialler's state: ``ready`` between calls,
+        ``idle`` when its preparation failed; ``closed`` when the port is not
+        open), ``modem.error`` (why the port or the preparation failed) and
+        the failed-preparation and failed-probe counts, and the last speed."""
+        conn = self._conn
         fields: dict[str, str | int | float | bool] = {
-            "modem.state": self._conn.state.value if self._conn is not None else "closed"
+            "modem.state": conn.state.value if conn is not None else "closed"
         }
+        error = self._open_error
+        if conn is not None:
+            error = str(conn.port_error or "") or conn.prepare_error
+            stats = conn.statistics()
+            fields["modem.prepare_failures"] = stats["prepare_failures"]
+            fields["modem.probe_failures"] = stats["probe_failures"]
+        if error:
+            fields["modem.error"] = error[:200]
         if self.last_speed is not None:
             fields["modem.last_speed"] = self.last_speed
         return fields
 
     async def aclose(self) -> None:
         """Hang up if needed and close the port."""
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await opening
         await self._drop_port()
 
 

@@ -256,7 +256,8 @@ class ModemConnection:
     Create with :meth:`open`.  ``speed`` and ``protocol`` describe the call
     once connected; ``carrier_lost`` is set when the line drops; an optional
     ``on_carrier_lost`` callback runs at the same moment.  ``prepare_error``
-    says why the last preparation failed ("" once the modem is READY again).
+    says why the last preparation failed ("" once the modem is READY again
+    or a call connects).
     """
 
     def __init__(self, port: ModemPort, config: DiallerConfig, log: Log = _no_log) -> None:
@@ -508,6 +509,7 @@ class ModemConnection:
                 if len(self._buffer) >= MAX_READ_BUFFER:
                     self._port.pause_reading()
             elif isinstance(event, Connected):
+                self.prepare_error = ""  # the modem took its reset and init after all
                 self._log("connected", speed=event.speed, protocol=event.protocol)
                 if self._call is not None and not self._call.done():
                     self._call.set_result(event)

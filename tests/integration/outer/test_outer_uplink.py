@@ -356,3 +356,66 @@ async def test_modem_silent_garbage_or_odd_echo_is_unreachable(
                 await up.request(m.Sync(since_version=0), m.SyncData)
             assert up.counters["connect_failures_dialup"] == 1
             assert up.status()["uplink.state"] == "idle"
+
+
+@pytest.mark.timeout(30)
+async def test_dialup_modem_is_prepared_at_start_and_after_each_call(bench: Bench) -> None:
+    async with modem_to(bench.peer) as modem:
+        connector = bench.dialup(modem)
+        up = bench.uplink([connector], order=("dialup",), idle_hangup=0.3)
+        async with running(up):
+            # before anything needs central, the modem is reset and initialised
+            await until(lambda: up.status()["modem.state"] == "ready", 10)
+            assert modem.core.commands() == ["ATZ", FAST_INIT]
+            await up.request(m.Status(), m.StatusReport)
+            # the call itself: a probe, then the dial at once
+            assert modem.core.commands()[2:] == ["AT", f"ATDT{NUMBER}"]
+            await until(lambda: up.counters["hangups_idle"] == 1, 10)
+            await until(lambda: up.status()["modem.state"] == "ready", 10)
+            assert modem.core.commands()[4:] == ["ATH0", "ATZ", FAST_INIT]
+            await up.request(m.Status(), m.StatusReport)
+            assert modem.core.commands()[7:] == ["AT", f"ATDT{NUMBER}"]
+            status = up.status()
+            assert status["modem.prepare_failures"] == 0
+            assert status["modem.probe_failures"] == 0
+            assert "modem.error" not in status
+            assert bench.peer.connections == 2
+
+
+@pytest.mark.timeout(30)
+async def test_modem_failing_its_preparation_is_reported_and_reset_at_the_next_call(
+    bench: Bench,
+) -> None:
+    async with modem_to(bench.peer) as modem:
+        modem.power_off()
+        logged: list[str] = []
+        connector = DialupConnector(
+            DialupConfig(modem.port_path, dialler()), lambda event, **_: logged.append(event)
+        )
+        up = bench.uplink([connector], order=("dialup",))
+        async with running(up):
+            await until(lambda: up.status()["modem.state"] == "idle", 15)
+            status = up.status()
+            assert status["modem.prepare_failures"] == 1
+            assert "ATZ" in str(status["modem.error"])
+            assert "modem_prepare_failed" in logged
+            assert modem.core.commands() == []  # it heard nothing
+            await asyncio.sleep(0.5)
+            assert up.status()["modem.prepare_failures"] == 1  # not retried on its own
+            modem.power_on()
+            await up.request(m.Status(), m.StatusReport)
+            # idle, so the dial ran the full reset; the error is gone with it
+            assert modem.core.commands() == ["ATZ", FAST_INIT, f"ATDT{NUMBER}"]
+            assert "modem.error" not in up.status()
+
+
+@pytest.mark.timeout(20)
+async def test_modem_port_missing_at_start_is_reported_not_fatal(bench: Bench) -> None:
+    missing = str(bench.tmp / "no-such-modem")
+    connector = DialupConnector(DialupConfig(missing, dialler()))
+    up = bench.uplink([connector], order=("dialup",))
+    async with running(up):
+        await until(lambda: "modem.error" in up.status(), 5)
+        assert up.status()["modem.state"] == "closed"
+        with pytest.raises(CentralUnreachable, match="no-such-modem"):
+            await up.request(m.Status(), m.StatusReport)
