@@ -17,8 +17,9 @@ operation here can hang).  With ``keep_ready`` in the configuration the
 modem is prepared (reset and initialised) as soon as the port is open, and
 again by the core after each call, so a dial finds it READY; a preparation
 that fails is logged (``prepare_failed``) and kept in ``prepare_error``,
-and the next dial runs the full reset.  Once connected, the call's data stream is exposed
-with a deliberately small interface for the framed link session::
+and the next dial runs the full reset.  Once connected, the call's data
+stream is exposed with a deliberately small interface for the framed link
+session::
 
     conn = await ModemConnection.open("/dev/ttyACM0", DiallerConfig(number="5551234"))
     await conn.dial()                   # raises Busy, NoCarrier, CallLimitReached...
