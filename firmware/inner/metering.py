@@ -393,10 +393,13 @@ class UsageJournal:
                 fd = self._fd
             if error is None:
                 try:
-                    assert fd is not None
+                    if fd is None:
+                        raise OSError(9, "the usage journal has no open segment")
                     self._write_sync(fd, b"".join(p.data for p in group))
                 except OSError as e:
                     error = e
+                except Exception as e:  # the thread must live on to answer every entry
+                    error = OSError(5, f"{type(e).__name__}: {e}")
             try:
                 self._loop.call_soon_threadsafe(self._committed, group, error)
             except RuntimeError:  # the event loop is closed: nobody waits any more

@@ -143,6 +143,21 @@ async def test_a_failing_disk_fails_the_append(directory: Path) -> None:
     await j.aclose()
 
 
+async def test_an_unexpected_error_in_the_commit_thread_fails_the_append(
+    directory: Path,
+) -> None:
+    def odd(fd: int) -> None:
+        raise RuntimeError("not an OSError")
+
+    j = journal(directory, fsync=odd)
+    j.open()
+    with pytest.raises(StorageError):
+        await j.append(entry(0))
+    with pytest.raises(StorageError):
+        await j.append(entry(1))
+    await j.aclose()
+
+
 async def test_closed_journal_refuses(directory: Path) -> None:
     j = journal(directory)
     j.open()
