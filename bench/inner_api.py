@@ -130,6 +130,10 @@ wrk.headers["Optogate-Params"] = '{{"text": "hello"}}'
 
 _WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
+# A client process using this much CPU is (near) saturated: the row's
+# throughput is then the client's, not the server's.
+CLIENT_BOUND_CORES = 0.85
+
 
 async def load_wrk(
     url: str, key: str, clients: int, seconds: float
@@ -322,6 +326,10 @@ def print_table(rows: list[Row], idle: int, idle_all: int, args: argparse.Namesp
         )
     if len(rows) == 2:
         print(f"\ninner / bare throughput: {rows[0][1] / rows[1][1]:.0%}")
+    for name, *_, client in rows:
+        if client >= CLIENT_BOUND_CORES:
+            print(f"warning: the client used {client:.2f} cores in row '{name}': that row")
+            print("  measured the client more than the server (try --client wrk)")
     print(
         f"idle RSS: daemon {idle / 1024:.1f} MiB; daemon + warm workers {idle_all / 1024:.1f} MiB"
     )
