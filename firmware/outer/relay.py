@@ -264,19 +264,12 @@ class Relay:
     async def _fetch(
         self, msg: messages.FetchService, on_part: Callable[[messages.ServicePart], None]
     ) -> tuple[messages.Service, bool]:
-        """Return the reply to ``msg`` and whether its bundle went out through ``on_part``."""
-        streamed = False
+        """Return the reply to ``msg`` and whether its bundle is the one sent through ``on_part``.
 
-        def forward(part: messages.ServicePart) -> None:
-            nonlocal streamed
-            streamed = True
-            on_part(part)
-
-        return await self._fetch_reply(msg, forward), streamed
-
-    async def _fetch_reply(
-        self, msg: messages.FetchService, on_part: Callable[[messages.ServicePart], None]
-    ) -> messages.Service:
+        False whenever the reply is not central's streamed reply itself (a
+        cache hit, a stale answer after central failed mid-stream, an
+        "unchanged"): the parts already passed on are then to be discarded.
+        """
         now = self._wall()
         cache = self._cache
         entry = cache.services.get(msg.service)
@@ -286,14 +279,21 @@ class Relay:
             if reply is not None:
                 self.counters["cache_hits"] += 1
                 self._log("cache_hit", service=msg.service, bundle=plan.send_bundle)
-                return reply
+                return reply, False
             plan = plan_fetch(None, None, msg.have_version, now, self._fetch_cache_age)
         self.counters["cache_misses"] += 1
+        parts_seen = False
+
+        def forward(part: messages.ServicePart) -> None:
+            nonlocal parts_seen
+            parts_seen = True
+            on_part(part)
+
         try:
             reply = await self._uplink.request(
                 messages.FetchService(service=msg.service, have_version=plan.ask_have_version),
                 messages.Service,
-                on_part=on_part,
+                on_part=forward,
             )
         except UplinkError:
             stale = await self._stale(msg)
@@ -301,7 +301,7 @@ class Relay:
                 raise
             self.counters["stale_served"] += 1
             self._log("stale_served", service=msg.service)
-            return stale
+            return stale, False
         bundle_header = None
         if reply.sealed_bundle:
             bundle_header = await self._verify(reply.sealed_bundle, Kind.BUNDLE, msg.service)
@@ -331,9 +331,9 @@ class Relay:
             licence_version=licence_header.version,
         )
         if msg.have_version == version:
-            return messages.Service(sealed_bundle=b"", sealed_licence=reply.sealed_licence)
+            return messages.Service(sealed_bundle=b"", sealed_licence=reply.sealed_licence), False
         if reply.sealed_bundle:
-            return reply
+            return reply, parts_seen  # the very bundle whose parts went on
         # Central said "unchanged" for the cached version, and the inner module
         # holds another: send it the cached bundle.
         entry = cache.services.get(msg.service)
@@ -348,8 +348,8 @@ class Relay:
             if again.sealed_bundle:
                 await self._verify(again.sealed_bundle, Kind.BUNDLE, msg.service)
             await self._verify(again.sealed_licence, Kind.LICENCE_SET)
-            return again
-        return messages.Service(sealed_bundle=data, sealed_licence=reply.sealed_licence)
+            return again, False
+        return messages.Service(sealed_bundle=data, sealed_licence=reply.sealed_licence), False
 
     async def _on_disk(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run a cache operation on a worker thread, one at a time.

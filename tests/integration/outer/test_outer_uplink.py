@@ -7,20 +7,25 @@ import contextlib
 import os
 import pty
 import socket
+import time
 import tty
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from outer_central_peer import CentralPeer, Keys
+from outer_central_peer import CentralPeer, Keys, sealed
 
+from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import RemoteError
 from firmware.common.link import messages as m
+from firmware.common.link.link import collect_reply
+from firmware.outer.cache import SealedCache
 from firmware.outer.config import DialupConfig, InternetConfig
 from firmware.outer.errors import CentralRefused, CentralUnreachable
 from firmware.outer.modem.dialler import DiallerConfig
 from firmware.outer.policy import CallState, PolicyConfig
+from firmware.outer.relay import Relay
 from firmware.outer.uplink import Connector, DialupConnector, Identity, InternetConnector, Uplink
 from host_tools.sim.hayes import HayesConfig
 from host_tools.sim.modem import ModemEmulator
@@ -225,6 +230,39 @@ async def test_call_dropped_mid_bundle_fails_cleanly_and_next_call_completes(
             modem.core.config.no_carrier_after = None
             reply = await up.request(m.FetchService(service="dxf", have_version=None), m.Service)
             assert reply.sealed_bundle == bench.peer.bundle
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.slow
+async def test_a_relay_falling_back_to_its_cache_mid_stream_ends_with_the_cached_bundle(
+    bench: Bench,
+) -> None:
+    """Parts of central's bundle went on; then both calls dropped and the stale cached
+    bundle is served: the stream ends with it inline, so the inner module drops the parts."""
+    cache = SealedCache(bench.tmp / "relay-cache")
+    cache.load()
+    old = sealed(bench.keys, Kind.BUNDLE, "dxf", 2, os.urandom(100))
+    cache.store_service("dxf", 2, old, (7, bench.peer.licences), time.time() - 30 * 86400)
+    # five parts; each call drops after about two of them
+    bench.peer.bundle = sealed(bench.keys, Kind.BUNDLE, "dxf", 3, os.urandom(20_000))
+    async with modem_to(bench.peer, no_carrier_after=10_000) as modem:
+        up = bench.uplink([bench.dialup(modem)], order=("dialup",))
+        relay = Relay(up, cache, bench.keys.central.public, status=up.status)
+        async with running(up):
+            stream = await relay.handle(m.FetchService(service="dxf", have_version=None))
+            assert not isinstance(stream, m.Message)
+            items = [item async for item in stream]
+    *parts, end = items
+    assert parts, "no part of central's bundle crossed before the drop: raise no_carrier_after"
+    assert all(isinstance(p, m.ServicePart) for p in parts)
+    assert relay.counters["stale_served"] == 1
+    assert end == m.Service(sealed_bundle=old, sealed_licence=bench.peer.licences)
+
+    async def replay() -> AsyncIterator[m.Message]:
+        for item in items:
+            yield item
+
+    assert await collect_reply(replay()) == end  # what the inner module's link hands on
 
 
 @pytest.mark.timeout(40)
