@@ -273,13 +273,13 @@ class ServiceBuilder:
             fut.set_exception(ServiceUnavailable(f"service {service} cannot be fetched now", retry))
         except (OptogateError, ValueError) as e:
             self.stats["build_failures"] += 1
-            wait = self.board.failed(service, self._clock(), type(e).__name__, None)
+            wait = self.board.failed(service, self._clock(), _why_failed(e), None)
             self._log("build_failed", service=service, error=str(e), retry_after=wait)
             fut.set_exception(
                 ServiceUnavailable(f"service {service} could not be built", max(wait, 1.0))
             )
         except BaseException as e:
-            self.board.failed(service, self._clock(), "bug", None)
+            self.board.failed(service, self._clock(), "it could not be built", None)
             fut.set_exception(ServiceUnavailable(f"service {service} failed", self._retry_after))
             if not isinstance(e, asyncio.CancelledError):
                 raise
@@ -418,3 +418,14 @@ class ServiceBuilder:
         for svc in list(self.loaded.values()):
             await svc.aclose()
         self.loaded.clear()
+
+
+def _why_failed(error: BaseException) -> str:
+    """Say why a build failed in words a caller may see (no class names, no paths)."""
+    if isinstance(error, InvalidObject | StaleMetadata):
+        return "its bundle did not verify"
+    if isinstance(error, BundleError):
+        return "its bundle is malformed"
+    if isinstance(error, messages.InvalidMessage):
+        return "its bundle arrived damaged"
+    return "it could not be built"

@@ -201,8 +201,8 @@ def test_bundle_tampered_at_rest_is_refused_then_repaired() -> None:
             app, lambda: '"build_failed"' in _log(app, "inner")[before:], "the inner's refusal"
         )
         # The call that met the build answers "could not be built"; one that
-        # came just after is refused by the failed build's backoff, naming why.
-        assert "could not be built" in str(error) or "InvalidObject" in str(error), error
+        # came just after is refused by the failed build's backoff, saying why.
+        assert "could not be built" in str(error) or "did not verify" in str(error), error
         assert '"service":"echo"' in _log(app, "inner")[before:]
         _nothing_installed(app)
         # What `optogate call` shows a script: exit status 8 and the error as JSON.

@@ -64,7 +64,13 @@ async def test_tampered_or_misaddressed_bundles_are_refused(bed: Bed, tamper: st
     assert not (bed.gw.state / "services" / "algo").exists()
     # within the backoff no new fetch is made
     fetches = bed.peer.counts["fetch"]
-    assert (await call(bed, {})).status_code == 503
+    again = await call(bed, {})
+    assert again.status_code == 503
+    # the backoff's refusal says why in words, naming no internal class
+    assert (
+        again.json()["error"]["message"]
+        == "service algo is not available: its bundle did not verify"
+    )
     assert bed.peer.counts["fetch"] == fetches
     assert bed.daemon.events("build_failed")
 
