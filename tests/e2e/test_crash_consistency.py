@@ -27,9 +27,7 @@ daemons' own timing still varies).  The single-daemon sweeps in
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import re
 import shutil
@@ -42,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crash_sweep import crash_seed, replaying
 
 from central_stub.repository import TinyRepository
 from firmware.common.crypto.freshness import load_registry
@@ -85,22 +84,6 @@ def _worker_interpreter() -> None:
         worker_python()
     except DemoError as e:
         pytest.skip(str(e))
-
-
-def crash_seed() -> int:
-    """The kill schedule's seed: ``OPTOGATE_CRASH_SEED`` to replay one, else a fresh one."""
-    text = os.environ.get("OPTOGATE_CRASH_SEED")
-    return int(text) if text else random.SystemRandom().randrange(2**32)
-
-
-@contextlib.contextmanager
-def replaying(why: str) -> Iterator[None]:
-    """Name the seed on any failure inside the block, not only on assertions."""
-    try:
-        yield
-    except Exception as e:
-        e.add_note(why)
-        raise
 
 
 class Caller:

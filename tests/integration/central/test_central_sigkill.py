@@ -24,19 +24,14 @@ show is a power cut's lost page cache (``tests/integration/store`` says why).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_sweep import crash_seed, killed_writer, replaying
 
 from central_stub.gateway import CentralService, GatewayConnection
 from central_stub.repository import TinyRepository
@@ -45,9 +40,6 @@ from firmware.common.link import messages as m
 from firmware.common.uplink import UsageRecord, auth_transcript, sign_usage_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-#: A writer imports the project and opens its stores within seconds.
-READY_S = 30.0
 
 #: Kills per run; each round also restarts from what the last one left.
 ROUNDS = 6
@@ -112,46 +104,6 @@ while True:
         assert isinstance(reply, m.SyncData), reply
         print("sync", flush=True)
 """
-
-
-@contextlib.contextmanager
-def replaying(why: str) -> Iterator[None]:
-    """Name the seed on any failure inside the block, not only on assertions."""
-    try:
-        yield
-    except Exception as e:
-        e.add_note(why)
-        raise
-
-
-def crash_seed() -> int:
-    """The kill schedule's seed: ``OPTOGATE_CRASH_SEED`` to replay one, else a fresh one."""
-    text = os.environ.get("OPTOGATE_CRASH_SEED")
-    return int(text) if text else random.SystemRandom().randrange(2**32)
-
-
-def killed_writer(argv: list[str], log: Path, delay: float, why: str) -> list[str]:
-    """Run a writer, SIGKILL it ``delay`` seconds after it is ready; return its complete lines.
-
-    The writer's acknowledgements go to a file, not a pipe: a pipe nobody
-    reads fills up and would stall the writer in a print, far from its
-    writes.  A line the kill cut short was never acknowledged.
-    """
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", *argv], stdout=out)
-    try:
-        deadline = time.monotonic() + READY_S
-        while not log.read_text().startswith("ready\n"):
-            assert proc.poll() is None, f"the writer exited with {proc.returncode}; {why}"
-            assert time.monotonic() < deadline, f"the writer never became ready; {why}"
-            time.sleep(0.01)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-    text = log.read_text()
-    return text[: text.rfind("\n") + 1].splitlines()[1:]
 
 
 def _table(repo: TinyRepository, name: str) -> list[dict[str, Any]]:

@@ -14,24 +14,15 @@ seed, and ``OPTOGATE_CRASH_SEED=<seed>`` replays it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crash_sweep import crash_seed, killed_writer, replaying
 
 from firmware.outer.cache import SealedCache, digest_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-#: A writer imports the project and opens its stores within seconds.
-READY_S = 30.0
 
 ROUNDS = 8
 #: The kill lands this long after the writer's first acknowledgement.
@@ -64,46 +55,6 @@ while True:
         cache.store_sync(blob, (i, lic), float(i))
         print("sync", i, digest_of(blob), flush=True)
 """
-
-
-def crash_seed() -> int:
-    """The kill schedule's seed: ``OPTOGATE_CRASH_SEED`` to replay one, else a fresh one."""
-    text = os.environ.get("OPTOGATE_CRASH_SEED")
-    return int(text) if text else random.SystemRandom().randrange(2**32)
-
-
-@contextlib.contextmanager
-def replaying(why: str) -> Iterator[None]:
-    """Name the seed on any failure inside the block, not only on assertions."""
-    try:
-        yield
-    except Exception as e:
-        e.add_note(why)
-        raise
-
-
-def killed_writer(argv: list[str], log: Path, delay: float, why: str) -> list[str]:
-    """Run a writer, SIGKILL it ``delay`` seconds after it is ready; return its complete lines.
-
-    The writer's acknowledgements go to a file, not a pipe: a pipe nobody
-    reads fills up and would stall the writer in a print, far from its
-    writes.  A line the kill cut short was never acknowledged.
-    """
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", *argv], stdout=out)
-    try:
-        deadline = time.monotonic() + READY_S
-        while not log.read_text().startswith("ready\n"):
-            assert proc.poll() is None, f"the writer exited with {proc.returncode}; {why}"
-            assert time.monotonic() < deadline, f"the writer never became ready; {why}"
-            time.sleep(0.01)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-    text = log.read_text()
-    return text[: text.rfind("\n") + 1].splitlines()[1:]
 
 
 @pytest.mark.timeout(120)
