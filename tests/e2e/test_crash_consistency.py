@@ -50,11 +50,9 @@ from firmware.outer.cache import SealedCache, digest_of
 from host_tools.client import Client, GatewayError
 from host_tools.demo import (
     Appliance,
-    DemoError,
     appliance,
     free_port,
     optogate_argv,
-    worker_python,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -75,15 +73,6 @@ EXTEND_S = 86400
 SHIP_S = 90.0
 
 _PAYMENT_RE = re.compile(r"^payment (\S+) recorded", re.MULTILINE)
-
-
-@pytest.fixture(autouse=True)
-def _worker_interpreter() -> None:
-    """Skip, naming the package, when no interpreter can run the algorithms unprivileged."""
-    try:
-        worker_python()
-    except DemoError as e:
-        pytest.skip(str(e))
 
 
 class Caller:

@@ -29,22 +29,11 @@ from host_tools.demo import (
     CUSTOMER,
     EXPIRING_SERVICE,
     Appliance,
-    DemoError,
     appliance,
-    worker_python,
 )
 from host_tools.tour import SAMPLE_DXF, STEPS, outer_status, walk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _worker_interpreter() -> None:
-    """Skip, naming the package, when no interpreter can run the algorithms unprivileged."""
-    try:
-        worker_python()
-    except DemoError as e:
-        pytest.skip(str(e))
 
 
 #: The tour takes about 40 s on an idle two-core machine, plus 20 s to start

@@ -22,19 +22,10 @@ from typing import Any
 import pytest
 
 from host_tools.client import CallResult, Client, GatewayError, Unavailable
-from host_tools.demo import Appliance, DemoError, appliance, link_command, worker_python
+from host_tools.demo import Appliance, DemoError, appliance, link_command
 from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF, fresh_outer_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _worker_interpreter() -> None:
-    """Skip, naming the package, when no interpreter can run the algorithms unprivileged."""
-    try:
-        worker_python()
-    except DemoError as e:
-        pytest.skip(str(e))
 
 
 #: Start (~20 s), four cold calls with faults (~60 s), stop; room for a loaded machine.

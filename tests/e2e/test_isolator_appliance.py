@@ -16,21 +16,13 @@ from firmware.common.link.kinds import Kind
 from firmware.isolator import suite
 from firmware.isolator.filtercore import A_TO_B, B_TO_A
 from host_tools.client import Client
-from host_tools.demo import DemoError, appliance, link_command, worker_python
+from host_tools.demo import appliance, link_command
 from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 #: Start (~20 s) and two cold calls (~20 s), with room for a loaded machine.
 BOUND_S = 240
-
-
-@pytest.fixture(autouse=True)
-def _worker_interpreter() -> None:
-    try:
-        worker_python()
-    except DemoError as e:
-        pytest.skip(str(e))
 
 
 def _middlebox(control: str) -> dict[str, Any]:

@@ -59,11 +59,9 @@ from host_tools.demo import (
     EXPIRING_SERVICE,
     OPTICAL_BAUD,
     Appliance,
-    DemoError,
     appliance,
     free_port,
     link_command,
-    worker_python,
 )
 from host_tools.tour import SAMPLE_DOCUMENT, SAMPLE_DXF
 from provisioning.bundle import load_bundle
@@ -109,15 +107,6 @@ LOG_TAIL: Final = 25
 
 OUTER, INNER = "a", "b"
 MODULE: Final = {OUTER: "outer", INNER: "inner"}
-
-
-@pytest.fixture(autouse=True)
-def _worker_interpreter() -> None:
-    """Skip, naming the package, when no interpreter can run the algorithms unprivileged."""
-    try:
-        worker_python()
-    except DemoError as e:
-        pytest.skip(str(e))
 
 
 def _seed() -> int:

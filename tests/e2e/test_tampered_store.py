@@ -43,11 +43,9 @@ from host_tools.demo import (
     GATEWAY,
     REFERENCE_DIR,
     Appliance,
-    DemoError,
     appliance,
     free_port,
     optogate_argv,
-    worker_python,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -62,15 +60,6 @@ SEALED_S = 60.0
 MET_S = 60.0
 #: ``optogate call`` starts in a second or two.
 COMMAND_S = 60.0
-
-
-@pytest.fixture(autouse=True)
-def _worker_interpreter() -> None:
-    """Skip, naming the package, when no interpreter can run the algorithms unprivileged."""
-    try:
-        worker_python()
-    except DemoError as e:
-        pytest.skip(str(e))
 
 
 def _wait_for(predicate: Callable[[], bool], limit: float, what: str) -> None:
