@@ -31,27 +31,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from host_tools.demo import MODEM_SPEED, OPTICAL_BAUD, Appliance, appliance  # noqa: E402
-from host_tools.tour import SAMPLE_DXF, client  # noqa: E402
+from host_tools.tour import SAMPLE_DXF, client, outer_status  # noqa: E402
 
 SERVICE = "dxf2svg"
 PARAMS = {"precision": 2}
 BITS_PER_BYTE = 10  # 8N1
 IDLE_WAIT_S = 120.0
 WARM_CALLS = 7
-
-
-def outer_status(app: Appliance) -> dict[str, Any]:
-    try:
-        value = json.loads((app.state_dir / "outer" / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def wait_line_idle(app: Appliance) -> None:

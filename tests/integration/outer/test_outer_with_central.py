@@ -190,8 +190,20 @@ async def test_falls_back_to_dialup_into_centrals_answering_modem(tmp_path: Path
         await answering.aclose()
 
 
-def publish_dxf2svg(central: TempCentral) -> int:
-    """Publish and license the 38 KiB dxf2svg bundle; return its sealed size."""
+@contextlib.asynccontextmanager
+async def dxf2svg_relay(tmp: Path) -> AsyncIterator[Relay]:
+    """A relay whose uplink reaches, over TLS, a central that publishes dxf2svg."""
+    central = make_central(tmp / "central", now=NOW)
+    publish_dxf2svg(central)
+    async with central_server(central) as server:
+        port = server.addresses[0][1]
+        net = InternetConnector(InternetConfig("127.0.0.1", port, central.ca_cert), 10.0)
+        async with relay_for(central, [net], tmp) as (relay, _):
+            yield relay
+
+
+def publish_dxf2svg(central: TempCentral) -> None:
+    """Publish and license the dxf2svg bundle (about 14 KiB sealed: four parts)."""
     bundle = build_bundle(REFERENCE_DIR / "dxf2svg", central.key).to_bytes()
     admin.publish_service(central.repo, bundle, [central.key.public], now=NOW, actor="test")
     admin.issue_licence(
@@ -204,63 +216,52 @@ def publish_dxf2svg(central: TempCentral) -> int:
         now=NOW,
         actor="test",
     )
-    return len(bundle)
 
 
 @pytest.mark.timeout(60)
 async def test_the_relay_passes_a_bundle_on_while_it_still_arrives(tmp_path: Path) -> None:
-    central = make_central(tmp_path / "central", now=NOW)
-    publish_dxf2svg(central)
-    async with central_server(central) as server:
-        port = server.addresses[0][1]
-        net = InternetConnector(InternetConfig("127.0.0.1", port, central.ca_cert), 10.0)
-        async with relay_for(central, [net], tmp_path) as (relay, _):
-            stream = await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
-            assert not isinstance(stream, m.Message)
-            items: list[m.Message] = []
-            still_arriving: list[bool] = []
-            async for item in stream:
-                if not items:  # the first part is passed on before central's reply is whole
-                    still_arriving.append(not relay._downloads[("dxf2svg", None)].task.done())
-                items.append(item)
-                if not isinstance(item, m.ServicePart):
-                    break
-            assert still_arriving == [True]
-            *parts, end = items
-            assert len(parts) >= 3 and all(isinstance(p, m.ServicePart) for p in parts)
-            assert isinstance(end, m.Service) and end.streamed > 0 and not end.sealed_bundle
+    async with dxf2svg_relay(tmp_path) as relay:
+        stream = await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+        assert not isinstance(stream, m.Message)
+        items: list[m.Message] = []
+        still_arriving: list[bool] = []
+        async for item in stream:
+            if not items:  # the first part is passed on before central's reply is whole
+                still_arriving.append(not relay._downloads[("dxf2svg", None)].task.done())
+            items.append(item)
+            if not isinstance(item, m.ServicePart):
+                break
+        assert still_arriving == [True]
+        *parts, end = items
+        assert len(parts) >= 3 and all(isinstance(p, m.ServicePart) for p in parts)
+        assert isinstance(end, m.Service) and end.streamed > 0 and not end.sealed_bundle
 
-            async def replay() -> AsyncIterator[m.Message]:
-                for item in items:
-                    yield item
+        async def replay() -> AsyncIterator[m.Message]:
+            for item in items:
+                yield item
 
-            whole = await collect_reply(replay())
-            assert isinstance(whole, m.Service)
-            # the joined bundle is central's, verified and cached whole by the relay
-            assert relay.counters["bundles_streamed"] == 1
-            cached = await collect_reply(
-                await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
-            )
-            assert cached == whole
-            assert relay.counters["cache_hits"] == 1
+        whole = await collect_reply(replay())
+        assert isinstance(whole, m.Service)
+        # the joined bundle is central's, verified and cached whole by the relay
+        assert relay.counters["bundles_streamed"] == 1
+        cached = await collect_reply(
+            await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+        )
+        assert cached == whole
+        assert relay.counters["cache_hits"] == 1
 
 
 @pytest.mark.timeout(60)
 async def test_a_second_fetch_joins_the_one_under_way(tmp_path: Path) -> None:
-    central = make_central(tmp_path / "central", now=NOW)
-    publish_dxf2svg(central)
-    async with central_server(central) as server:
-        port = server.addresses[0][1]
-        net = InternetConnector(InternetConfig("127.0.0.1", port, central.ca_cert), 10.0)
-        async with relay_for(central, [net], tmp_path) as (relay, _):
-            first = await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
-            assert not isinstance(first, m.Message)
-            head = await anext(first)  # the fetch is under way
-            assert isinstance(head, m.ServicePart)
-            second = await collect_reply(
-                await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
-            )
-            await first.aclose()  # the first asker went away; the fetch went on
-            assert relay.counters["fetches_joined"] == 1
-            assert isinstance(second, m.Service) and len(second.sealed_bundle) > 10_000
-            assert relay.counters["cache_misses"] == 1  # one fetch from central, not two
+    async with dxf2svg_relay(tmp_path) as relay:
+        first = await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+        assert not isinstance(first, m.Message)
+        head = await anext(first)  # the fetch is under way
+        assert isinstance(head, m.ServicePart)
+        second = await collect_reply(
+            await relay.handle(m.FetchService(service="dxf2svg", have_version=None))
+        )
+        await first.aclose()  # the first asker went away; the fetch went on
+        assert relay.counters["fetches_joined"] == 1
+        assert isinstance(second, m.Service) and len(second.sealed_bundle) > 10_000
+        assert relay.counters["cache_misses"] == 1  # one fetch from central, not two
