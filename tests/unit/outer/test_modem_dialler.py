@@ -809,37 +809,46 @@ def test_any_modem_behaviour_keeps_the_core_consistent(
 ) -> None:
     rig = Rig(use_dtr=use_dtr, max_attempts=3)
     for op, argument in operations:
-        if op == "bytes":
-            assert isinstance(argument, bytes)
-            rig.modem(argument)
-        elif op == "wait":
-            assert isinstance(argument, float)
-            rig.advance(argument)
-        elif op == "dcd":
-            rig.d.set_carrier_detect(False, rig.now)
-        else:
-            before = rig.d.state
-            try:
-                if op == "send":
-                    rig.d.send_data(b"x", rig.now)
-                else:
-                    getattr(rig.d, op)(rig.now)
-            except LocalProtocolError:
-                assert rig.d.state is before  # a refused request changes nothing
-        # handling the deadlines due now settles: no deadline left in the past
-        for _ in range(3):
-            deadline = rig.d.next_deadline()
-            if deadline is None or deadline > rig.now:
-                break
-            rig.d.handle_deadline(rig.now)
-        deadline = rig.d.next_deadline()
-        assert deadline is None or deadline > rig.now
-        for event in rig.events():
-            if isinstance(event, CallFailed | CallAttemptFailed):
-                assert isinstance(event.error, ModemError)
-        rig.sent()
+        _apply(rig, op, argument)
+        _settle(rig)
     if rig.d.state is State.IDLE:
         assert rig.d.next_deadline() is None
+
+
+def _apply(rig: Rig, op: str, argument: object) -> None:
+    """Do one operation of a generated scenario; a refused request changes nothing."""
+    if op == "bytes":
+        assert isinstance(argument, bytes)
+        rig.modem(argument)
+    elif op == "wait":
+        assert isinstance(argument, float)
+        rig.advance(argument)
+    elif op == "dcd":
+        rig.d.set_carrier_detect(False, rig.now)
+    else:
+        before = rig.d.state
+        try:
+            if op == "send":
+                rig.d.send_data(b"x", rig.now)
+            else:
+                getattr(rig.d, op)(rig.now)
+        except LocalProtocolError:
+            assert rig.d.state is before
+
+
+def _settle(rig: Rig) -> None:
+    """Handle the deadlines due now: none is left in the past, and every failure is typed."""
+    for _ in range(3):
+        deadline = rig.d.next_deadline()
+        if deadline is None or deadline > rig.now:
+            break
+        rig.d.handle_deadline(rig.now)
+    deadline = rig.d.next_deadline()
+    assert deadline is None or deadline > rig.now
+    for event in rig.events():
+        if isinstance(event, CallFailed | CallAttemptFailed | PrepareFailed):
+            assert isinstance(event.error, ModemError)
+    rig.sent()
 
 
 def test_silent_init_string_is_a_timeout() -> None:
@@ -1197,34 +1206,8 @@ def test_any_modem_behaviour_keeps_a_ready_core_consistent(
     rig = Rig(use_dtr=use_dtr, max_attempts=3, keep_ready=True)
     rig.d.prepare(rig.now)
     for op, argument in [*operations, ("prepare", None), ("wait", 120.0)]:
-        if op == "bytes":
-            assert isinstance(argument, bytes)
-            rig.modem(argument)
-        elif op == "wait":
-            assert isinstance(argument, float)
-            rig.advance(argument)
-        elif op == "dcd":
-            rig.d.set_carrier_detect(False, rig.now)
-        else:
-            before = rig.d.state
-            try:
-                if op == "send":
-                    rig.d.send_data(b"x", rig.now)
-                else:
-                    getattr(rig.d, op)(rig.now)
-            except LocalProtocolError:
-                assert rig.d.state is before
-        for _ in range(3):
-            deadline = rig.d.next_deadline()
-            if deadline is None or deadline > rig.now:
-                break
-            rig.d.handle_deadline(rig.now)
-        deadline = rig.d.next_deadline()
-        assert deadline is None or deadline > rig.now
-        for event in rig.events():
-            if isinstance(event, CallFailed | CallAttemptFailed | PrepareFailed):
-                assert isinstance(event.error, ModemError)
-        rig.sent()
+        _apply(rig, op, argument)
+        _settle(rig)
         if rig.d.state in (State.IDLE, State.READY):
             assert rig.d.next_deadline() is None
             assert not rig.d.in_call
