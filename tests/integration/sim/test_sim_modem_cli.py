@@ -8,11 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 import serial
+from modem_dte import exchange
 
 pytestmark = [pytest.mark.integration]
 
@@ -40,17 +40,6 @@ def emulator() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, object]]]:
         proc.wait(5)
         assert proc.stdout is not None
         proc.stdout.close()
-
-
-def exchange(port: serial.Serial, command: bytes, expect_end: bytes, timeout: float = 3.0) -> bytes:
-    """Write ``command``; return everything read until it ends with ``expect_end``."""
-    port.write(command)
-    got = b""
-    deadline = time.monotonic() + timeout
-    while not got.endswith(expect_end):
-        assert time.monotonic() < deadline, f"no {expect_end!r} after {command!r}: {got!r}"
-        got += port.read(256)
-    return got
 
 
 @pytest.mark.timeout(30)

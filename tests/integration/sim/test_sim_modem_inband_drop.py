@@ -15,11 +15,11 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import serial
+from modem_dte import exchange
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -78,17 +78,6 @@ def modem(echo_port: int) -> Iterator[str]:
         proc.wait(10)
         assert proc.stdout is not None
         proc.stdout.close()
-
-
-def exchange(port: serial.Serial, command: bytes, expect_end: bytes, timeout: float = 5.0) -> bytes:
-    """Write ``command``; return everything read until it ends with ``expect_end``."""
-    port.write(command)
-    got = b""
-    deadline = time.monotonic() + timeout
-    while not got.endswith(expect_end):
-        assert time.monotonic() < deadline, f"no {expect_end!r} after {command!r}: {got!r}"
-        got += port.read(256)
-    return got
 
 
 def test_a_drop_is_no_carrier_then_only_the_echo_of_what_we_type(modem: str) -> None:
