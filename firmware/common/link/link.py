@@ -196,30 +196,6 @@ class PartJoiner:
         return dataclasses.replace(final, sealed_bundle=b"".join(pieces), streamed=0)
 
 
-async def collect_reply(result: HandlerResult) -> messages.Message | None:
-    """Return what a peer's link would hand its caller for a handler's ``result``.
-
-    A stream is drained and its parts joined.  Raises InvalidMessage for
-    inconsistent parts or a stream that ends before its bytes are all there,
-    LocalProtocolError for a stream with no end.
-    """
-    if result is None or isinstance(result, messages.Message):
-        return result
-    joiner = PartJoiner()
-    async for item in result:
-        if isinstance(item, messages.ServicePart):
-            joiner.add(item)
-            continue
-        if not (isinstance(item, messages.Service) and item.streamed):
-            return item
-        joiner.end(item)
-        whole = joiner.joined()
-        if whole is None:
-            raise messages.InvalidMessage("the stream ended before its parts were all sent")
-        return whole
-    raise LocalProtocolError("a reply stream with no end")
-
-
 class _Exchange:
     """One request (or one-way message) of ours, until it is answered or fails."""
 

@@ -1,5 +1,8 @@
 """In-memory test bench for link sessions: two cores, an impaired line, simulated time.
 
+(Also :func:`collect_reply`, which turns what a request handler returns into
+the reply a peer's link would hand its caller, for tests of handlers.)
+
 :class:`Line` carries bytes one way.  It serialises them at the configured
 byte rate (or instantly), adds latency, and applies seeded impairments per
 frame-sized piece: bit flips (a bit-error rate), drops, duplicates, swaps of
@@ -20,6 +23,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from firmware.common.errors import LocalProtocolError
+from firmware.common.link import messages
+from firmware.common.link.link import HandlerResult, PartJoiner
 from firmware.common.link.session import Event, Session, SessionConfig
 
 _PIECE = re.compile(rb"\x00[^\x00]+\x00")
@@ -197,3 +203,27 @@ class Pair:
         end = self.now + seconds
         while self.now < end:
             self.step()
+
+
+async def collect_reply(result: HandlerResult) -> messages.Message | None:
+    """Return what a peer's link would hand its caller for a handler's ``result``.
+
+    A stream is drained and its parts joined.  Raises InvalidMessage for
+    inconsistent parts or a stream that ends before its bytes are all there,
+    LocalProtocolError for a stream with no end.
+    """
+    if result is None or isinstance(result, messages.Message):
+        return result
+    joiner = PartJoiner()
+    async for item in result:
+        if isinstance(item, messages.ServicePart):
+            joiner.add(item)
+            continue
+        if not (isinstance(item, messages.Service) and item.streamed):
+            return item
+        joiner.end(item)
+        whole = joiner.joined()
+        if whole is None:
+            raise messages.InvalidMessage("the stream ended before its parts were all sent")
+        return whole
+    raise LocalProtocolError("a reply stream with no end")

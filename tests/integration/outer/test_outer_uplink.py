@@ -19,7 +19,7 @@ from outer_central_peer import CentralPeer, Keys, sealed
 from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import RemoteError
 from firmware.common.link import messages as m
-from firmware.common.link.link import collect_reply
+from firmware.common.link.testing import collect_reply
 from firmware.outer.cache import SealedCache
 from firmware.outer.config import DialupConfig, InternetConfig
 from firmware.outer.errors import CentralRefused, CentralUnreachable

@@ -27,7 +27,7 @@ from firmware.common.crypto.freshness import SyncVerifier
 from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import RemoteError
 from firmware.common.link import messages as m
-from firmware.common.link.link import collect_reply
+from firmware.common.link.testing import collect_reply
 from firmware.common.uplink import UsageRecord, sign_usage_batch
 from firmware.outer.cache import SealedCache
 from firmware.outer.config import DialupConfig, InternetConfig

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from firmware.common.errors import LocalProtocolError
 from firmware.common.link import messages as m
 from firmware.common.link.kinds import Kind
-from firmware.common.link.link import PartJoiner, collect_reply
+from firmware.common.link.link import PartJoiner
+from firmware.common.link.testing import collect_reply
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
