@@ -190,10 +190,6 @@ class GatewayTrust:
             raise refused
         return opened
 
-    def receive_sync_metadata(self, data: bytes, mono: float) -> Opened:
-        """Adopt new sync metadata alone (the licence set unchanged); see :meth:`receive_sync`."""
-        return self.receive_sync(data, b"", mono)
-
     def receive_licence_set(self, data: bytes, mono: float) -> LicenceSet:
         """Adopt a new licence set listed by the current metadata; persist it; return it.
 

@@ -103,7 +103,7 @@ def test_sync_then_allow_then_reboot_keeps_working_offline(tmp_path: Path) -> No
     central = Central()
     lics = central.licence_set(until=T + 30 * DAY)
     trust = boot(tmp_path, "b1")
-    trust.receive_sync_metadata(central.metadata([lics], at=T), 10.0)
+    trust.receive_sync(central.metadata([lics], at=T), b"", 10.0)
     assert trust.now(10.0) == T
     assert isinstance(call(trust, 10.0), SyncRequired)  # metadata, but no licence set yet
     trust.receive_licence_set(lics, 11.0)
@@ -124,7 +124,7 @@ def test_wound_back_wall_clock_and_reboots_cannot_extend_a_licence(
     central = Central()
     lics = central.licence_set(until=T + 2 * DAY)
     trust = boot(tmp_path, "b1")
-    trust.receive_sync_metadata(central.metadata([lics], at=T, window=30 * DAY), 0.0)
+    trust.receive_sync(central.metadata([lics], at=T, window=30 * DAY), b"", 0.0)
     trust.receive_licence_set(lics, 0.0)
     mono = 0.0
     boots = 1
@@ -145,15 +145,15 @@ def test_freeze_ends_in_sync_required_then_revocation_applies(tmp_path: Path) ->
     central = Central()
     lics = central.licence_set(until=T + 365 * DAY)
     trust = boot(tmp_path, "b1")
-    trust.receive_sync_metadata(central.metadata([lics], at=T, window=3 * DAY), 0.0)
+    trust.receive_sync(central.metadata([lics], at=T, window=3 * DAY), b"", 0.0)
     trust.receive_licence_set(lics, 0.0)
     assert isinstance(call(trust, 3 * DAY - 1.0), Allow)
     assert isinstance(call(trust, 3 * DAY + 0.0), SyncRequired)
     # The frozen upstream replays the old metadata: expired.
     with pytest.raises(InvalidObject):
-        trust.receive_sync_metadata(central.metadata([lics], at=T, window=3 * DAY), 3 * DAY + 1.0)
+        trust.receive_sync(central.metadata([lics], at=T, window=3 * DAY), b"", 3 * DAY + 1.0)
     revoked = central.licence_set(until=T + 365 * DAY, revoked=True)
-    trust.receive_sync_metadata(central.metadata([revoked], at=T + 4 * DAY), 3 * DAY + 2.0)
+    trust.receive_sync(central.metadata([revoked], at=T + 4 * DAY), b"", 3 * DAY + 2.0)
     trust.receive_licence_set(revoked, 3 * DAY + 3.0)
     assert isinstance(call(trust, 3 * DAY + 4.0), Revoked)
 
@@ -165,11 +165,11 @@ def test_rollback_refused_and_state_unchanged(tmp_path: Path) -> None:
     new_lics = central.licence_set(until=T + 9 * DAY)
     new_meta = central.metadata([new_lics], at=T + 60)
     trust = boot(tmp_path, "b1")
-    trust.receive_sync_metadata(new_meta, 0.0)
+    trust.receive_sync(new_meta, b"", 0.0)
     trust.receive_licence_set(new_lics, 0.0)
     registry_before = (tmp_path / "versions.json").read_bytes()
     with pytest.raises(RollbackError):
-        trust.receive_sync_metadata(old_meta, 1.0)
+        trust.receive_sync(old_meta, b"", 1.0)
     with pytest.raises(RollbackError):
         trust.receive_licence_set(old_lics, 1.0)
     assert (tmp_path / "versions.json").read_bytes() == registry_before
@@ -184,7 +184,7 @@ def test_tampered_stored_objects_are_ignored(tmp_path: Path) -> None:
     central = Central()
     lics = central.licence_set(until=T + DAY)
     trust = boot(tmp_path, "b1")
-    trust.receive_sync_metadata(central.metadata([lics], at=T), 0.0)
+    trust.receive_sync(central.metadata([lics], at=T), b"", 0.0)
     trust.receive_licence_set(lics, 0.0)
     meta, stored = cbor2.loads((tmp_path / "sync.cbor").read_bytes())
     data = bytearray(stored)
@@ -251,10 +251,10 @@ def test_bundle_must_be_listed(tmp_path: Path) -> None:
         recipient=INNER.public,
     )
     trust = boot(tmp_path, "b1")
-    trust.receive_sync_metadata(central.metadata([], at=T), 0.0)
+    trust.receive_sync(central.metadata([], at=T), b"", 0.0)
     with pytest.raises(InvalidObject):
         trust.receive_bundle(bundle, "dxf-convert", 1.0)
-    trust.receive_sync_metadata(central.metadata([bundle], at=T + 1), 2.0)
+    trust.receive_sync(central.metadata([bundle], at=T + 1), b"", 2.0)
     assert trust.receive_bundle(bundle, "dxf-convert", 3.0).payload == b"code"
     assert trust.verifier.registry.highest("bundle/dxf-convert") == 1
 
