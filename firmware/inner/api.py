@@ -2,16 +2,25 @@
 
 Theory of operation
 -------------------
-Every request passes two middlewares before its handler:
+Every route's handler runs inside :meth:`InnerApi._serve`, which
 
-1. **errors** turns every refusal into the JSON error body of docs/api.md
-   (``{"error": {"code", "message", ...}}``) with its stable code, and any
-   unexpected exception into a 500 that reveals nothing (the operator's log
-   gets the exception's type).
-2. **auth**: every path but ``GET /v1/health`` needs ``Authorization:
-   Bearer <key>`` naming a key some licence lists.  Addresses with too many
-   failures get 429 (:mod:`firmware.inner.limiter`).  Unknown paths are
-   authenticated first too, so nothing but health answers a stranger.
+1. **authenticates**: every path but ``GET /v1/health`` needs
+   ``Authorization: Bearer <key>`` naming a key some licence lists.
+   Addresses with too many failures get 429 (:mod:`firmware.inner.limiter`).
+   Unknown paths (a catch-all route) are authenticated first too, so nothing
+   but health answers a stranger;
+2. **answers errors**: every refusal becomes the JSON error body of
+   docs/api.md (``{"error": {"code", "message", ...}}``) with its stable
+   code, and any unexpected exception a 500 that reveals nothing (the
+   operator's log gets the exception's type).
+
+This is one coroutine around the handler rather than aiohttp middlewares:
+each level of coroutines is paid again on every resumption of a call (the
+worker's answer, the journal's commit), and at thousands of calls a second
+on one core those levels were a measurable share of the daemon's CPU.  For
+the same reason the common case of each step (key listed, licence valid,
+body already received) is decided without awaiting anything; only the rare
+cases (first sync, fresh sync before 402, a body still arriving) await.
 
 A call (``POST /v1/services/{service}/call``) then goes: licence decision
 (:meth:`GatewayTrust.decide` at trusted time; an expired licence or missing
@@ -36,6 +45,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 import cbor2
@@ -46,6 +56,7 @@ from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import OptogateError
 from firmware.common.licence import (
     Allow,
+    Decision,
     NotLicensed,
     PaymentRequired,
     Revoked,
@@ -75,7 +86,7 @@ RESULT_HEADER: Final = "Optogate-Result"
 SERVICE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 #: CBOR and JSON bodies nest a parameters object; deeper is an attack.
 MAX_NESTING: Final = 64
-#: Where the auth middleware leaves the caller's key hash for the handlers.
+#: Where authentication leaves the caller's key hash for the handlers.
 KEY_HASH: Final = web.RequestKey("key_hash", str)
 #: A body shorter than this may take the whole idle timeout to arrive.
 RATE_GRACE_BYTES: Final = 64 * 1024
@@ -120,8 +131,14 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# Built once: json.loads with an option builds a decoder on every call.
+# Built once: json.loads or json.dumps with an option builds a decoder or
+# an encoder on every call.
 _DECODER: Final = json.JSONDecoder(parse_constant=_no_constants)
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Metric labels of the routes (anything else is "other").
+_PATH_LABELS: Final = frozenset({"call", "/v1/health", "/v1/auth", "/v1/services", "/metrics"})
 
 
 def parse_json(data: bytes, what: str) -> Any:
@@ -208,27 +225,35 @@ class InnerApi:
     # ------------------------------------------------------------------ app
 
     def app(self) -> web.Application:
-        """Return the application with its routes and middlewares."""
+        """Return the application with its routes (every handler inside :meth:`_serve`)."""
         app = web.Application(
-            middlewares=[self._errors, self._auth],
             client_max_size=self._cfg.max_body_bytes,
             handler_args={"max_field_size": self._cfg.max_header_bytes * 2},
         )
-        app.router.add_get("/v1/health", self.health)
-        app.router.add_post("/v1/auth", self.auth)
-        app.router.add_get("/v1/services", self.services)
-        app.router.add_post("/v1/services/{service}/call", self.call)
-        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/v1/health", partial(self._serve, handler=self.health, public=True))
+        app.router.add_post("/v1/auth", partial(self._serve, handler=self.auth))
+        app.router.add_get("/v1/services", partial(self._serve, handler=self.services))
+        app.router.add_post("/v1/services/{service}/call", partial(self._serve, handler=self.call))
+        app.router.add_get("/metrics", partial(self._serve, handler=self.metrics))
+        # Last: any other path or method, authenticated like the rest.
+        self._unrouted_resource = app.router.add_route(
+            "*", "/{tail:.*}", partial(self._serve, handler=self._unrouted)
+        ).resource
         return app
 
-    # ------------------------------------------------------------------ middlewares
+    # ------------------------------------------------------------------ around every handler
 
-    @web.middleware
-    async def _errors(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    async def _serve(
+        self, request: web.Request, *, handler: Handler, public: bool = False
     ) -> web.StreamResponse:
+        """Authenticate (unless ``public``), run ``handler``, answer errors as JSON."""
         path = "call" if request.path.endswith("/call") else request.path
         try:
+            if not public:
+                key_hash, listed = self._admit(request)
+                if not listed:
+                    await self._admit_after_sync(request, key_hash)
+                request[KEY_HASH] = key_hash
             response = await handler(request)
         except ApiError as e:
             response = e.response()
@@ -237,13 +262,9 @@ class InnerApi:
         except Exception as e:  # never leak internals to the caller
             self._log("internal_error", path=path, error=type(e).__name__)
             response = ApiError(500, "internal_error", "internal error").response()
-        known = (
-            path
-            if path in {"call", "/v1/health", "/v1/auth", "/v1/services", "/metrics"}
-            else "other"
-        )
         self._metrics.inc(
-            "optogate_inner_http_requests_total", {"path": known, "status": str(response.status)}
+            "optogate_inner_http_requests_total",
+            {"path": path if path in _PATH_LABELS else "other", "status": str(response.status)},
         )
         return response
 
@@ -257,12 +278,21 @@ class InnerApi:
             return ApiError(405, "method_not_allowed", "method not allowed on this path")
         return ApiError(e.status if e.status >= 400 else 400, "bad_request", "bad request")
 
-    @web.middleware
-    async def _auth(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path == "/v1/health" and request.method in {"GET", "HEAD"}:
-            return await handler(request)
+    async def _unrouted(self, request: web.Request) -> web.StreamResponse:
+        """Any path no route serves (404), or a route's path with another method (405)."""
+        for resource in request.app.router.resources():
+            if resource is not self._unrouted_resource:
+                _, allowed = await resource.resolve(request)
+                if allowed:
+                    raise ApiError(405, "method_not_allowed", "method not allowed on this path")
+        raise ApiError(404, "not_found", "no such path")
+
+    def _admit(self, request: web.Request) -> tuple[str, bool]:
+        """Return (the key's hash, whether a licence lists it); raise ApiError to refuse.
+
+        Not listed is returned (rather than refused) only before the first
+        sync, when there is no licence set to look in yet.
+        """
         if not self.accepting:
             raise ApiError(503, "unavailable", "the gateway is shutting down", retry_after=5)
         header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
@@ -275,36 +305,37 @@ class InnerApi:
             raise ApiError(
                 429, "too_many_failures", "too many failed authentications", retry_after=wait
             )
-        key_hash = await self._known_key(request.headers.get("Authorization", ""))
-        if key_hash is None:
-            self._metrics.inc("optogate_inner_auth_failures_total")
-            blocked = self._limiter.failed(addr, now)
-            if blocked is not None:
-                self._log("auth_blocked", address=addr, seconds=blocked)
-            raise ApiError(401, "unauthorized", "a valid API key is required")
-        request[KEY_HASH] = key_hash
-        return await handler(request)
-
-    async def _known_key(self, header: str) -> str | None:
-        scheme, _, key = header.partition(" ")
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not is_api_key_shaped(key):
-            return None
+            raise self._unauthorized(addr, now)
         key_hash = hash_api_key(key)
         if self._key_listed(key_hash):
-            return key_hash
-        if self._trust.licences is None:  # first start: nothing synced yet
-            await self._refresh(self._link.payment_sync_wait_s)
-            if self._trust.licences is None:
-                raise ApiError(
-                    503,
-                    "unavailable",
-                    "the gateway has not reached central yet",
-                    retry_after=self._link.retry_after_s,
-                )
-            if self._key_listed(key_hash):
-                return key_hash
-        return None
+            return key_hash, True
+        if self._trust.licences is not None:
+            raise self._unauthorized(addr, now)
+        return key_hash, False
+
+    async def _admit_after_sync(self, request: web.Request, key_hash: str) -> None:
+        """First start, nothing synced yet: ask central (bounded wait), then look again."""
+        await self._refresh(self._link.payment_sync_wait_s)
+        if self._trust.licences is None:
+            raise ApiError(
+                503,
+                "unavailable",
+                "the gateway has not reached central yet",
+                retry_after=self._link.retry_after_s,
+            )
+        if not self._key_listed(key_hash):
+            raise self._unauthorized(request.remote or "?", self._clock())
+
+    def _unauthorized(self, addr: str, now: float) -> ApiError:
+        """Count a failed authentication from ``addr``; return the 401 to raise."""
+        self._metrics.inc("optogate_inner_auth_failures_total")
+        blocked = self._limiter.failed(addr, now)
+        if blocked is not None:
+            self._log("auth_blocked", address=addr, seconds=blocked)
+        return ApiError(401, "unauthorized", "a valid API key is required")
 
     def _key_listed(self, key_hash: str) -> bool:
         licences = self._trust.licences
@@ -331,7 +362,7 @@ class InnerApi:
         """``POST /v1/auth``: the key's customer and the services it may call."""
         key_hash = request[KEY_HASH]
         licences = self._trust.licences
-        assert licences is not None  # the auth middleware found the key in it
+        assert licences is not None  # authentication found the key in it
         now = self._trust.now(self._clock())
         mine = [
             lic
@@ -387,8 +418,15 @@ class InnerApi:
         service = request.match_info["service"]
         if not SERVICE_RE.fullmatch(service):
             raise ApiError(404, "not_found", "no such service")
-        allow = await self._decide(service, request[KEY_HASH])
-        body = await self._read_call(request)
+        key_hash = request[KEY_HASH]
+        allow = self._allowed(service, key_hash) or await self._allowed_after_sync(
+            service, key_hash
+        )
+        ctype, answer = self._call_form(request)
+        raw = self._body_now(request)
+        if raw is None:
+            raw = await self._read_body(request)
+        body = self._parse_call(request, ctype, answer, raw)
         svc = self._builder.loaded.get(service)  # built: no wait, no timer
         try:
             if svc is None:
@@ -467,16 +505,28 @@ class InnerApi:
         self._log("algorithm_crashed", service=service, error=type(e).__name__)
         return "algorithm_crashed", ApiError(500, "algorithm_crashed", "the algorithm crashed")
 
-    async def _decide(self, service: str, key_hash: str) -> Allow:
+    def _allowed(self, service: str, key_hash: str) -> Allow | None:
+        """Return the licence decision if it allows the call now; None if central must
+        be asked first (expired or not yet synced); raise ApiError for a refusal."""
         decision = self._trust.decide(service=service, key_hash=key_hash, mono=self._clock())
-        if isinstance(decision, SyncRequired | PaymentRequired):
-            # Pay, then call again: ask central before refusing (bounded wait).
-            await self._refresh(self._link.payment_sync_wait_s)
-            decision = self._trust.decide(service=service, key_hash=key_hash, mono=self._clock())
         if isinstance(decision, Allow):
             return decision
+        if isinstance(decision, SyncRequired | PaymentRequired):
+            return None
+        raise self._refusal(service, decision)
+
+    async def _allowed_after_sync(self, service: str, key_hash: str) -> Allow:
+        """Pay, then call again: ask central before refusing (bounded wait)."""
+        await self._refresh(self._link.payment_sync_wait_s)
+        decision = self._trust.decide(service=service, key_hash=key_hash, mono=self._clock())
+        if isinstance(decision, Allow):
+            return decision
+        raise self._refusal(service, decision)
+
+    def _refusal(self, service: str, decision: Decision | SyncRequired) -> ApiError:
+        """Return the error answering a decision that does not allow the call."""
         if isinstance(decision, SyncRequired):
-            raise ApiError(
+            return ApiError(
                 503,
                 "unavailable",
                 "the gateway must reach central first",
@@ -485,7 +535,7 @@ class InnerApi:
         if isinstance(decision, PaymentRequired):
             word = "starts" if decision.not_yet_valid else "expired"
             when = decision.valid_from if decision.not_yet_valid else decision.valid_until
-            raise ApiError(
+            return ApiError(
                 402,
                 "payment_required",
                 f"licence {decision.licence_id} for {service} {word} at {iso(when)}",
@@ -497,12 +547,12 @@ class InnerApi:
                 },
             )
         if isinstance(decision, NotLicensed) and not self._known_service(service):
-            raise ApiError(404, "not_found", f"no service {service}")
+            return ApiError(404, "not_found", f"no service {service}")
         if isinstance(decision, NotLicensed | Revoked):
             why = "revoked" if isinstance(decision, Revoked) else "not licensed for this key"
-            raise ApiError(403, "forbidden", f"service {service}: {why}")
+            return ApiError(403, "forbidden", f"service {service}: {why}")
         assert isinstance(decision, UnknownCredential)
-        raise ApiError(401, "unauthorized", "a valid API key is required")
+        return ApiError(401, "unauthorized", "a valid API key is required")
 
     def _known_service(self, service: str) -> bool:
         meta = self._trust.verifier.metadata
@@ -511,13 +561,17 @@ class InnerApi:
         licences = self._trust.licences
         return licences is not None and any(lic.service == service for lic in licences.licences)
 
-    async def _read_call(self, request: web.Request) -> Body:
+    @staticmethod
+    def _call_form(request: web.Request) -> tuple[str, str]:
+        """Return the call's (content type, answer's content type); raise 415."""
         ctype = _media_type(request.headers.get("Content-Type", JSON))
         if ctype not in {JSON, OCTETS, CBOR}:
             raise ApiError(415, "unsupported_media_type", f"content type {ctype!r} is not served")
         accept = _media_type(request.headers.get("Accept", ""))
-        answer = accept if accept in {JSON, OCTETS, CBOR} else ctype
-        raw = await self._read_body(request)
+        return ctype, accept if accept in {JSON, OCTETS, CBOR} else ctype
+
+    def _parse_call(self, request: web.Request, ctype: str, answer: str, raw: bytes) -> Body:
+        """Return the call's parameters and input from its body (and params header)."""
         if ctype == JSON:
             params = parse_json(raw, "the body") if raw else {}
             return Body(params, b"", len(raw), answer)
@@ -533,15 +587,21 @@ class InnerApi:
             raise ApiError(400, "bad_request", f"{PARAMS_HEADER} is not valid") from None
         return Body(parse_json(header_bytes, PARAMS_HEADER), raw, len(raw), answer)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    def _body_now(self, request: web.Request) -> bytes | None:
+        """Return the body if it came whole with the headers (no waiting), else None."""
         limit = self._cfg.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "too_large", f"the body is over {limit} bytes")
-        if request.content.is_eof():  # the whole body came with the headers: no waiting
-            data = await request.content.read()
-            if len(data) > limit:
-                raise ApiError(413, "too_large", f"the body is over {limit} bytes")
-            return data
+        if not request.content.is_eof():
+            return None
+        data = request.content.read_nowait()
+        if len(data) > limit:
+            raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+        return data
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """Read a body still arriving, with the idle timeout and minimum rate."""
+        limit = self._cfg.max_body_bytes
         chunks = []
         total = 0
         start = self._clock()
@@ -570,7 +630,7 @@ class InnerApi:
     @staticmethod
     def _answer(form: str, result: dict[str, Any], data: bytes) -> web.Response:
         if form == OCTETS:
-            header = json.dumps(result, separators=(",", ":"), ensure_ascii=True)
+            header = _COMPACT.encode(result)
             return web.Response(body=data, headers={"Content-Type": OCTETS, RESULT_HEADER: header})
         if form == CBOR:
             return web.Response(

@@ -65,6 +65,8 @@ from firmware.common.uplink import (
 
 #: Length + CRC-32 of every journal entry.
 _ENTRY_HEAD: Final = struct.Struct(">II")
+# Built once: json.dumps with an option builds an encoder on every call.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
 #: An entry is ~250 bytes of JSON; anything claiming more is garbage.
 MAX_ENTRY_BYTES: Final = 64 * 1024
 #: A batch id is ``<16 hex>-<n>-<k>``: well inside the wire's 128 bytes.
@@ -112,7 +114,7 @@ class UsageEntry:
 
 def encode_entry(entry: UsageEntry) -> bytes:
     """Return the journal bytes of ``entry`` (head + compact JSON)."""
-    body = json.dumps(
+    body = _COMPACT.encode(
         {
             "at": entry.at,
             "bytes_in": entry.bytes_in,
@@ -124,7 +126,6 @@ def encode_entry(entry: UsageEntry) -> bytes:
             "outcome": entry.outcome,
             "service": entry.service,
         },
-        separators=(",", ":"),
     ).encode()
     return _ENTRY_HEAD.pack(len(body), zlib.crc32(body)) + body
 
@@ -325,8 +326,14 @@ class UsageJournal:
 
     # ------------------------------------------------------------------ appending
 
-    async def append(self, entry: UsageEntry) -> None:
-        """Return once ``entry`` is durably journaled.  Raises StorageError, MeteringError."""
+    def append(self, entry: UsageEntry) -> asyncio.Future[None]:
+        """Hand ``entry`` to the commit thread; return a future done once it is durable.
+
+        Raises StorageError or MeteringError at once when nothing can be
+        journaled; the future fails with StorageError if the write does.
+        A future rather than a coroutine: awaiting it directly spares the
+        caller a level of coroutines on every call.
+        """
         if self._closed or self._loop is None:
             raise MeteringError("the usage journal is closed")
         if self.failed is not None:
@@ -344,7 +351,7 @@ class UsageJournal:
             # all the entries appended in it: waking a thread is the costly part.
             self._wake_soon = True
             self._loop.call_soon(self._wake)
-        await fut
+        return fut
 
     def _wake(self) -> None:
         self._wake_soon = False

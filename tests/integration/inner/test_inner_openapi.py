@@ -55,13 +55,17 @@ def test_every_route_is_documented_and_every_documented_route_served() -> None:
     app_routes = set()
     api = InnerApi.__new__(InnerApi)
     api._cfg = type("C", (), {"max_body_bytes": 1, "max_header_bytes": 1})()  # type: ignore[assignment]
+    catch_all = []
     for route in api.app().router.routes():
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter")
-        if route.method != "HEAD":
+        if route.method == "*":  # answers 404 / 405 for what no route serves
+            catch_all.append(path)
+        elif route.method != "HEAD":
             app_routes.add((route.method, path))
     documented = {(m.upper(), p) for p, ops in SPEC["paths"].items() for m in ops}
     assert app_routes == documented
+    assert catch_all == ["/{tail}"]
 
 
 async def test_server_answers_as_documented(bed: Bed) -> None:
