@@ -514,7 +514,10 @@ class UsageJournal:
         with self._cond:  # the commit thread is idle; it reads _fd under the lock
             self._open_segment()
         os.close(fd)
-        self._batch_segment(old)
+        # Off the event loop: a minute of calls at full speed is hundreds of
+        # thousands of entries to decode, sign and write, which would stall
+        # every call meanwhile.  Appends go on into the new segment.
+        await asyncio.to_thread(self._batch_segment, old)
 
     def pending_batches(self) -> list[tuple[str, bytes, Path]]:
         """Return every batch awaiting central's ack, oldest first: (id, bytes, file)."""

@@ -61,6 +61,38 @@ async def test_append_cut_ack(directory: Path) -> None:
     await j.aclose()
 
 
+async def test_appends_go_on_while_a_cut_batches_the_old_segment(directory: Path) -> None:
+    # Batching a long segment (decode, sign, write) must not hold up the calls
+    # whose records go into the new one: it runs on another thread.
+    j = journal(directory, max_records=2)
+    j.open()
+    for i in range(4):
+        await j.append(entry(i))
+    batching = threading.Event()
+    release = threading.Event()
+    real = j._batch_segment
+
+    def slow_batch(n: int) -> None:
+        batching.set()
+        assert release.wait(10)
+        real(n)
+
+    j._batch_segment = slow_batch  # type: ignore[method-assign]
+    cut = asyncio.ensure_future(j.cut())
+    assert await asyncio.to_thread(batching.wait, 10)
+    await asyncio.wait_for(j.append(entry(4)), 5)  # durable while the cut is still batching
+    assert not cut.done()
+    release.set()
+    await cut
+    assert [len(verify_usage_batch(b, KEY.public).records) for _, b, _ in j.pending_batches()] == [
+        2,
+        2,
+    ]
+    await j.cut()  # the record appended during the cut is in the next segment
+    assert len(j.pending_batches()) == 3
+    await j.aclose()
+
+
 async def test_restart_batches_a_leftover_segment_with_a_torn_tail(directory: Path) -> None:
     j = journal(directory)
     j.open()
