@@ -212,6 +212,9 @@ class InnerApi:
         )
         self.accepting = True
         self.in_flight = 0
+        # Counters bumped on every request, by label set (see Metrics.counter).
+        self._http_counters: dict[tuple[str, int], Callable[[float], None]] = {}
+        self._call_counters: dict[tuple[str, str], tuple[Callable[[float], None], ...]] = {}
         for name, kind, text in (
             ("optogate_inner_http_requests_total", "counter", "HTTP answers by path and status"),
             ("optogate_inner_calls_total", "counter", "service calls by service and outcome"),
@@ -262,11 +265,35 @@ class InnerApi:
         except Exception as e:  # never leak internals to the caller
             self._log("internal_error", path=path, error=type(e).__name__)
             response = ApiError(500, "internal_error", "internal error").response()
-        self._metrics.inc(
-            "optogate_inner_http_requests_total",
-            {"path": path if path in _PATH_LABELS else "other", "status": str(response.status)},
-        )
+        label = (path if path in _PATH_LABELS else "other", response.status)
+        count = self._http_counters.get(label)
+        if count is None:
+            count = self._http_counters[label] = self._metrics.counter(
+                "optogate_inner_http_requests_total", {"path": label[0], "status": str(label[1])}
+            )
+        count(1)
         return response
+
+    def _count_call(
+        self, service: str, outcome: str, duration: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        counters = self._call_counters.get((service, outcome))
+        if counters is None:
+            # Services are those a licence names, outcomes a fixed few: bounded.
+            by_service = {"service": service}
+            counters = self._call_counters[(service, outcome)] = (
+                self._metrics.counter(
+                    "optogate_inner_calls_total", {"service": service, "outcome": outcome}
+                ),
+                self._metrics.counter("optogate_inner_call_seconds_total", by_service),
+                self._metrics.counter("optogate_inner_bytes_in_total", by_service),
+                self._metrics.counter("optogate_inner_bytes_out_total", by_service),
+            )
+        calls, seconds, into, out = counters
+        calls(1)
+        seconds(duration)
+        into(bytes_in)
+        out(bytes_out)
 
     @staticmethod
     def _http_error(e: web.HTTPException) -> ApiError:
@@ -455,7 +482,8 @@ class InnerApi:
         if error is None:
             self.in_flight += 1
             try:
-                out = await svc.invoke(Invocation(body.params, body.data))
+                with svc as runtime:  # this version stays open until the call ends
+                    out = await runtime.invoke(Invocation(body.params, body.data))
                 result, data_out = out.result, out.data
             except RuntimeFailure as e:
                 outcome, error = self._failure(service, e)
@@ -478,10 +506,7 @@ class InnerApi:
         except OptogateError as e:
             self._log("usage_append_failed", error=type(e).__name__)
             raise ApiError(503, "unavailable", "usage cannot be recorded", retry_after=5) from e
-        self._metrics.inc("optogate_inner_calls_total", {"service": service, "outcome": outcome})
-        self._metrics.inc("optogate_inner_call_seconds_total", {"service": service}, duration)
-        self._metrics.inc("optogate_inner_bytes_in_total", {"service": service}, body.size)
-        self._metrics.inc("optogate_inner_bytes_out_total", {"service": service}, len(data_out))
+        self._count_call(service, outcome, duration, body.size, len(data_out))
         if error is not None:
             raise error
         return self._answer(body.answer, result, data_out)

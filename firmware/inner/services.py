@@ -198,13 +198,22 @@ class LoadedService:
 
     async def invoke(self, inv: Invocation) -> Outcome:
         """Run one call on this version's runtime (holding a reference); raises RuntimeFailure."""
+        with self as runtime:
+            return await runtime.invoke(inv)
+
+    def __enter__(self) -> Runtime:
+        """Hold this version for a call: its runtime stays open until :meth:`__exit__`.
+
+        ``with svc as runtime: await runtime.invoke(...)`` is :meth:`invoke`
+        without a coroutine of its own around the call (the API's hot path).
+        """
         self._in_flight += 1
-        try:
-            return await self.runtime.invoke(inv)
-        finally:
-            self._in_flight -= 1
-            if self._retired and self._in_flight == 0:
-                self._close_soon()
+        return self.runtime
+
+    def __exit__(self, *exc: object) -> None:
+        self._in_flight -= 1
+        if self._retired and self._in_flight == 0:
+            self._close_soon()
 
     def retire(self) -> None:
         """Close the runtime once no call is using it any more."""
