@@ -24,9 +24,15 @@ the daemon's resident memory when idle (the daemon alone, and with its warm
 workers).  The outer module and central are played by the integration
 tests' scripted peer on loopback (the link is idle during the measurement).
 
+The two rows are measured in ``--rounds`` interleaved rounds (inner then
+bare, then bare then inner, ...), both servers running all along, so that a
+change in the machine's speed during the run (a shared VM's CPU is not
+steady) weighs on both alike; the ratio is given per round and as the
+median of the rounds.
+
 Usage::
 
-    .venv/bin/python bench/inner_api.py [--clients 16] [--seconds 10] [--client wrk]
+    .venv/bin/python bench/inner_api.py [--clients 16] [--seconds 10] [--rounds 3] [--client wrk]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import re
 import resource
 import shutil
 import ssl
+import statistics
 import sys
 import tempfile
 import time
@@ -269,18 +276,6 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
                     if r.status == 200:
                         break
                     await asyncio.sleep(0.2)
-            await asyncio.sleep(3.0)
-            assert daemon.proc is not None
-            idle_daemon = rss_kib(daemon.proc.pid, with_children=False)
-            idle_all = rss_kib(daemon.proc.pid, with_children=True)
-            rows.append(
-                await measure(
-                    "inner daemon, echo", daemon.url, key.secret, gw.ca_file, daemon.proc.pid, args
-                )
-            )
-            await asyncio.sleep(1.5)  # the status file is rewritten every second
-            usage = json.loads((gw.state / "status.json").read_text())["usage"]
-            group = usage["appended"] / max(1, usage["commits"])
             with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
                 f.write(BARE_SERVER)
             bare = await asyncio.create_subprocess_exec(
@@ -290,14 +285,21 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
                 str(gw.keys / "tls.crt"),
                 str(gw.keys / "tls.key"),
             )
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(3.0)  # both idle: the memory figures, and the bare server up
             os.unlink(f.name)
+            assert daemon.proc is not None
+            idle_daemon = rss_kib(daemon.proc.pid, with_children=False)
+            idle_all = rss_kib(daemon.proc.pid, with_children=True)
             bare_url = f"https://127.0.0.1:{bare_port}"
-            rows.append(
-                await measure(
-                    "bare aiohttp, echo", bare_url, key.secret, gw.ca_file, bare.pid, args
-                )
-            )
+            inner_row = ("inner daemon, echo", daemon.url, daemon.proc.pid)
+            bare_row = ("bare aiohttp, echo", bare_url, bare.pid)
+            for n in range(args.rounds):
+                order = (inner_row, bare_row) if n % 2 == 0 else (bare_row, inner_row)
+                for name, url, pid in order:
+                    rows.append(await measure(name, url, key.secret, gw.ca_file, pid, args))
+            await asyncio.sleep(1.5)  # the status file is rewritten every second
+            usage = json.loads((gw.state / "status.json").read_text())["usage"]
+            group = usage["appended"] / max(1, usage["commits"])
         finally:
             if bare is not None:
                 bare.terminate()
@@ -309,23 +311,33 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def ratios(rows: list[Row]) -> list[float]:
+    """Return inner / bare throughput of each round (rows come in pairs, either order)."""
+    out = []
+    for a, b in zip(rows[::2], rows[1::2], strict=True):
+        inner, bare = (a, b) if a[0].startswith("inner") else (b, a)
+        out.append(inner[1] / bare[1])
+    return out
+
+
 def print_table(rows: list[Row], idle: int, idle_all: int, args: argparse.Namespace) -> None:
     print(
         f"{args.clients} keep-alive TLS 1.3 clients ({args.client}), {args.seconds:g} s per row,"
-        f" loopback; load average {os.getloadavg()[0]:.1f}"
+        f" {args.rounds} interleaved rounds, loopback; load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        "| row | calls/s | p50 ms | p99 ms | errors | server CPU us/call"
+        "| round | row | calls/s | p50 ms | p99 ms | errors | server CPU us/call"
         " (process / with workers) | client cores |"
     )
-    print("|-----|--------:|-------:|-------:|-------:|------:|------:|")
-    for name, rate, p50, p99, errors, own_us, tree_us, client in rows:
+    print("|---:|-----|--------:|-------:|-------:|-------:|------:|------:|")
+    for i, (name, rate, p50, p99, errors, own_us, tree_us, client) in enumerate(rows):
         print(
-            f"| {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {errors} |"
+            f"| {i // 2 + 1} | {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {errors} |"
             f" {own_us:.0f} / {tree_us:.0f} | {client:.2f} |"
         )
-    if len(rows) == 2:
-        print(f"\ninner / bare throughput: {rows[0][1] / rows[1][1]:.0%}")
+    each = ratios(rows)
+    print(f"\ninner / bare throughput per round: {', '.join(f'{r:.0%}' for r in each)}")
+    print(f"inner / bare throughput (median of rounds): {statistics.median(each):.0%}")
     for name, *_, client in rows:
         if client >= CLIENT_BOUND_CORES:
             print(f"warning: the client used {client:.2f} cores in row '{name}': that row")
@@ -339,6 +351,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved inner/bare rounds")
     parser.add_argument("--workers", type=int, default=2, help="warm workers of the service")
     parser.add_argument("--client", choices=("aiohttp", "wrk"), default="aiohttp")
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
