@@ -220,6 +220,20 @@ def test_metrics_render_prometheus_text() -> None:
     assert "g 1.5" in text
 
 
+def test_metrics_counter_adds_to_the_same_series_as_inc() -> None:
+    m = Metrics()
+    m.describe("calls_total", "counter", "calls")
+    add = m.counter("calls_total", {"service": "echo", "outcome": "ok"})
+    add(1)
+    add(2.5)
+    m.inc("calls_total", {"outcome": "ok", "service": "echo"})  # label order does not matter
+    m.counter("calls_total", {"service": "dxf2svg", "outcome": "ok"})  # made, never added to
+    assert m.value("calls_total", {"service": "echo", "outcome": "ok"}) == 4.5
+    text = m.render()
+    assert 'calls_total{outcome="ok",service="echo"} 4.5\n' in text
+    assert "dxf2svg" not in text  # no series until something is counted
+
+
 def test_event_log_counts_drops() -> None:
     out = io.StringIO()
     log = EventLog(out, clock=lambda: 1.0)
