@@ -21,7 +21,7 @@ of a power cut do not pile up on the SD card.
 
 In memory a :class:`LoadedService` is one version with its warm runtime and
 its compiled parameter schema.  Calls hold a reference while they run
-(:meth:`LoadedService.enter` / :meth:`LoadedService.leave`); a newer version
+(``with svc as runtime:`` around the call); a newer version
 replaces the entry in the table at once, and the old runtime is closed when
 its last call has left, so a swap never fails a call in flight.
 """
@@ -42,7 +42,7 @@ import jsonschema.validators
 
 from firmware.common.errors import StorageError
 from firmware.common.store.atomic import atomic_write, fsync_directory
-from firmware.inner.runtimes.base import Invocation, Outcome, Runtime
+from firmware.inner.runtimes.base import Runtime
 from provisioning.bundle import Bundle, BundleError, Manifest, load_bundle, params_schema
 
 CURRENT_FILE: Final = "current.json"
@@ -196,16 +196,12 @@ class LoadedService:
         where = "/".join(str(p) for p in error.absolute_path)
         return f"{where}: {error.message}" if where else error.message
 
-    async def invoke(self, inv: Invocation) -> Outcome:
-        """Run one call on this version's runtime (holding a reference); raises RuntimeFailure."""
-        with self as runtime:
-            return await runtime.invoke(inv)
-
     def __enter__(self) -> Runtime:
         """Hold this version for a call: its runtime stays open until :meth:`__exit__`.
 
-        ``with svc as runtime: await runtime.invoke(...)`` is :meth:`invoke`
-        without a coroutine of its own around the call (the API's hot path).
+        ``with svc as runtime: await runtime.invoke(...)``.  A context manager
+        rather than a coroutine around the call: a call resumes through every
+        coroutine level above it, twice, on the API's hot path.
         """
         self._in_flight += 1
         return self.runtime
