@@ -30,9 +30,13 @@ change in the machine's speed during the run (a shared VM's CPU is not
 steady) weighs on both alike; the ratio is given per round and as the
 median of the rounds.
 
+``--other-keys N`` licenses N more keys (a licence each) that do not call:
+what a call costs should not depend on how many programs a site has.
+
 Usage::
 
     .venv/bin/python bench/inner_api.py [--clients 16] [--seconds 10] [--rounds 3] [--client wrk]
+        [--other-keys N]
 """
 
 from __future__ import annotations
@@ -255,6 +259,8 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
         key = generate_api_key()
         peer.publish(build_bundle(REFERENCE / "echo"))
         peer.grant("echo", key, lic_id="L-bench")
+        for n in range(args.other_keys):
+            peer.grant("echo", generate_api_key(), lic_id=f"L-other-{n}")
         await peer.start(link_port)
         daemon = DaemonProcess(gw)
         bare_port = free_port()
@@ -353,6 +359,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved inner/bare rounds")
     parser.add_argument("--workers", type=int, default=2, help="warm workers of the service")
+    parser.add_argument(
+        "--other-keys",
+        type=int,
+        default=0,
+        help="licensed keys besides the caller's (a licence each), as on a site of many programs",
+    )
     parser.add_argument("--client", choices=("aiohttp", "wrk"), default="aiohttp")
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     asyncio.run(main_async(parser.parse_args()))

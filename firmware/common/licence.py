@@ -27,19 +27,25 @@ PaymentRequired        402     a licence exists but is expired or not yet
                                valid; carries its id, dates and what to renew
 =====================  ======  ============================================
 
-Credential hashes are compared in constant time against every candidate
-(:func:`firmware.common.crypto.apikeys.find_hash`).
+A key is found through :meth:`LicenceSet.holding`, an index of the set's
+credential hashes built once per set: a call costs the same whether the
+gateway knows one key or thousands.  The index is keyed by SHA-256 digests
+of 256-bit keys, so the time a lookup takes depends only on the digest of
+the key presented; learning from it which digests are stored would not
+give anyone a key (that is a preimage of SHA-256), so no scan of every
+candidate in constant time is needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import cbor2
 
-from firmware.common.crypto.apikeys import find_hash, hash_api_key, is_key_hash
+from firmware.common.crypto.apikeys import hash_api_key, is_key_hash
 from firmware.common.crypto.errors import InvalidApiKey
 from firmware.common.errors import MessageError
 
@@ -89,6 +95,20 @@ class LicenceSet:
     gateway: str
     licences: tuple[Licence, ...] = ()
     revoked: frozenset[str] = field(default_factory=frozenset)
+
+    def holding(self, key_hash: str) -> tuple[Licence, ...]:
+        """Return the licences of this set's gateway that list ``key_hash``, in set order."""
+        return self._holders.get(key_hash, ())
+
+    @cached_property
+    def _holders(self) -> dict[str, tuple[Licence, ...]]:
+        # Built on first use; the set is frozen, so it never goes stale.
+        index: dict[str, list[Licence]] = {}
+        for lic in self.licences:
+            if lic.gateway == self.gateway:
+                for credential in lic.credentials:
+                    index.setdefault(credential, []).append(lic)
+        return {credential: tuple(held) for credential, held in index.items()}
 
     def versions(self) -> dict[str, int]:
         """Return ``{"licence/<id>": version}`` for the version registry."""
@@ -290,12 +310,7 @@ def evaluate(
             key_hash = hash_api_key(api_key)
         except InvalidApiKey:
             return UnknownCredential()
-    # Check every licence (constant-time comparisons, no early exit).
-    held = [
-        lic
-        for lic in licences.licences
-        if lic.gateway == licences.gateway and find_hash(key_hash, lic.credentials)
-    ]
+    held = licences.holding(key_hash)
     if not held:
         return UnknownCredential()
     for_service = [lic for lic in held if lic.service == service]

@@ -51,7 +51,7 @@ from typing import Any, Final
 import cbor2
 from aiohttp import web
 
-from firmware.common.crypto.apikeys import find_hash, hash_api_key, is_api_key_shaped
+from firmware.common.crypto.apikeys import hash_api_key, is_api_key_shaped
 from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import OptogateError
 from firmware.common.licence import (
@@ -366,12 +366,7 @@ class InnerApi:
 
     def _key_listed(self, key_hash: str) -> bool:
         licences = self._trust.licences
-        if licences is None:
-            return False
-        found = False
-        for lic in licences.licences:  # every licence, no early exit
-            found = find_hash(key_hash, lic.credentials) or found
-        return found
+        return licences is not None and bool(licences.holding(key_hash))
 
     # ------------------------------------------------------------------ handlers
 
@@ -391,11 +386,7 @@ class InnerApi:
         licences = self._trust.licences
         assert licences is not None  # authentication found the key in it
         now = self._trust.now(self._clock())
-        mine = [
-            lic
-            for lic in licences.licences
-            if find_hash(key_hash, lic.credentials) and lic.licence_id not in licences.revoked
-        ]
+        mine = [lic for lic in licences.holding(key_hash) if lic.licence_id not in licences.revoked]
         customer = mine[0].customer if mine else ""
         services = [
             {
@@ -415,8 +406,8 @@ class InnerApi:
         meta = self._trust.verifier.metadata
         now = self._trust.now(self._clock())
         by_service: dict[str, Any] = {}
-        for lic in licences.licences:
-            if not find_hash(key_hash, lic.credentials) or lic.licence_id in licences.revoked:
+        for lic in licences.holding(key_hash):
+            if lic.licence_id in licences.revoked:
                 continue
             prev = by_service.get(lic.service)
             if prev is None or lic.valid_until > prev.valid_until:

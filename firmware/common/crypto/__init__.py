@@ -6,7 +6,7 @@ A small, safe recipe layer in the spirit of ``cryptography.fernet``:
 * :mod:`.sealed`     signed, HPKE-sealed, compressed objects from central
 * :mod:`.freshness`  anti-rollback registry, expiring sync metadata (TUF attacks)
 * :mod:`.signed`     signed statements: usage records, challenges (gateway to central)
-* :mod:`.apikeys`    API keys: issued once, stored as hashes, compared in constant time
+* :mod:`.apikeys`    API keys: issued once, stored as hashes, found by their hash
 * :mod:`.tls`        the per-gateway CA and the LAN API's server certificate
 * :mod:`.errors`     the error tree (under ``CryptoError``)
 

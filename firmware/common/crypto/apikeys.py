@@ -13,9 +13,11 @@ slow password hash (scrypt, Argon2): those exist to make guessing low-entropy
 passwords expensive, but a 256-bit random key cannot be guessed, and a slow
 hash would cost the inner module CPU on every request.
 
-Hashes are compared with :func:`hmac.compare_digest`, and a lookup touches
-every candidate, so timing reveals neither which byte differed nor where in
-a list a match was found.
+A key checked against one hash is compared with :func:`hmac.compare_digest`
+(:func:`api_key_matches`).  The inner module finds a key among many by
+looking its hash up in an index (``LicenceSet.holding``): the lookup's time
+depends only on the digest presented, and nothing it could reveal about the
+stored digests yields a key, which would take a SHA-256 preimage.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from firmware.common.crypto.errors import InvalidApiKey
@@ -80,14 +81,6 @@ def is_key_hash(value: str) -> bool:
 def hashes_equal(a: str, b: str) -> bool:
     """Return True if two key hashes are equal, in time independent of where they differ."""
     return hmac.compare_digest(a.encode("ascii", "replace"), b.encode("ascii", "replace"))
-
-
-def find_hash(candidate: str, stored: Iterable[str]) -> bool:
-    """Return True if ``candidate`` equals one of ``stored``, comparing against every one."""
-    found = False
-    for h in stored:
-        found |= hashes_equal(candidate, h)
-    return found
 
 
 def api_key_matches(key: str, key_hash: str) -> bool:

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from firmware.common.crypto.apikeys import (
     API_KEY_PREFIX,
     api_key_matches,
-    find_hash,
     generate_api_key,
     hash_api_key,
     is_api_key_shaped,
@@ -75,15 +74,6 @@ def test_hash_api_key_is_total(text: str) -> None:
         assert not is_api_key_shaped(text)
         return
     assert len(h) == 64
-
-
-def test_find_hash() -> None:
-    keys = [generate_api_key() for _ in range(5)]
-    stored = [k.key_hash for k in keys]
-    assert all(find_hash(k.key_hash, stored) for k in keys)
-    assert not find_hash(generate_api_key().key_hash, stored)
-    assert not find_hash(stored[0], [])
-    assert not find_hash("é" * 64, stored)
 
 
 # ------------------------------------------------------------------ TLS

@@ -269,3 +269,41 @@ def test_evaluation_is_total_and_consistent(ls: list[Licence], now: int, service
     assert evaluate(back, api_key=ALICE.secret, service=service, now=now) == d
     should_allow = any(x.service == service and x.valid_from <= now <= x.valid_until for x in ls)
     assert isinstance(d, Allow) == should_allow
+
+
+def test_holding_finds_a_key_among_many_in_set_order() -> None:
+    keys = [generate_api_key().key_hash for _ in range(300)]
+    first = lic("lic-a", creds=tuple(keys[:200]))
+    second = lic("lic-b", service="doc-encrypt", creds=tuple(keys[100:]))
+    foreign = lic("lic-c", creds=(keys[0],), gateway="gw-2")
+    s = lset(first, second, foreign)
+    assert s.holding(keys[0]) == (first,)
+    assert s.holding(keys[150]) == (first, second)
+    assert s.holding(keys[299]) == (second,)
+    assert s.holding(BOB.key_hash) == ()
+    assert s.holding("") == ()
+    d = evaluate(s, key_hash=keys[150], service="doc-encrypt", now=T0)
+    assert d == Allow(licence_id="lic-b", customer="acme", service="doc-encrypt", valid_until=UNTIL)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([GW, "gw-2"]),
+            st.sets(st.integers(0, 7), max_size=8),
+        ),
+        max_size=6,
+    ),
+    st.integers(0, 8),
+)
+def test_holding_is_the_licences_that_list_the_hash(
+    shape: list[tuple[str, set[int]]], probe: int
+) -> None:
+    hashes = [hashlib.sha256(bytes([i])).hexdigest() for i in range(9)]
+    licences = [
+        lic(f"lic-{n}", gateway=gw, creds=tuple(hashes[i] for i in held))
+        for n, (gw, held) in enumerate(shape)
+    ]
+    s = lset(*licences)
+    want = tuple(x for x in licences if x.gateway == GW and hashes[probe] in x.credentials)
+    assert s.holding(hashes[probe]) == want
