@@ -164,30 +164,24 @@ class GatewayTrust:
             self._time_store.save(self._clock.state(mono))
 
     def receive_sync(self, metadata: bytes, licences: bytes, mono: float) -> Opened:
-        """Adopt a sync: new metadata, central's signed time and (if sent) the licence set.
+        """Adopt a sync: new metadata, central's signed time and the licence set it lists.
 
-        ``licences`` empty means central found the set in force unchanged.
-        Both are persisted in one atomic write.  Raises InvalidObject,
-        ExpiredObject, RollbackError (state unchanged when the metadata is
-        refused; when only the licence set is, the metadata is adopted and
-        persisted with the set already in force) or StorageError (accepted
-        in memory, not on disk).
+        ``licences`` empty means central sent no set: the one in force must
+        then be the one the new metadata lists.  The metadata and the set are
+        adopted together or not at all (see ``SyncVerifier.accept_sync``) and
+        persisted in one atomic write.  Raises InvalidObject, ExpiredObject,
+        RollbackError or StaleMetadata (state unchanged), or StorageError
+        (accepted in memory, not on disk).
         """
         now = self._clock.now(mono)
-        opened = self._verifier.accept_sync_metadata(metadata, now)
+        held = bytes(licences) or self._licence_bytes
+        opened, licence_set = self._verifier.accept_sync(metadata, held, now)
         self._metadata_bytes = bytes(metadata)
-        refused: InvalidObject | StaleMetadata | None = None
-        if licences:
-            try:
-                self._licences = self._verifier.accept_licence_set(licences, now)
-                self._licence_bytes = bytes(licences)
-            except (InvalidObject, StaleMetadata) as e:
-                refused = e
+        self._licences = licence_set
+        self._licence_bytes = held
         self._persist_sync()
         self._clock.observe_signed_time(opened.header.created, mono)
         self._time_store.save(self._clock.state(mono))
-        if refused is not None:
-            raise refused
         return opened
 
     def receive_licence_set(self, data: bytes, mono: float) -> LicenceSet:

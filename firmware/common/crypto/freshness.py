@@ -311,6 +311,32 @@ class SyncVerifier:
         self._metadata_expires = opened.header.expires
         return opened
 
+    def accept_sync(
+        self, metadata: bytes, licences: bytes, now: int
+    ) -> tuple[Opened, LicenceSet | None]:
+        """Adopt sync metadata and the licence set it lists together: both or neither.
+
+        ``licences`` is the sealed set to hold from now on (the one central
+        sent, or the one already held if central sent none; empty if there is
+        none).  It must be exactly the version the metadata lists: a set the
+        metadata does not list is never carried over under newer metadata,
+        which would let whoever relays the sync (the outer module) keep a
+        superseded set - say, one before a revocation - in force for as long
+        as it keeps sending fresh metadata without the set.  Returns the
+        opened metadata and the set (None if ``licences`` is empty).  Raises
+        as :meth:`accept_sync_metadata` and :meth:`accept_licence_set`; on
+        any error nothing changed.
+        """
+        saved = (self.registry.entries(), self._metadata, self._metadata_expires)
+        try:
+            opened = self.accept_sync_metadata(metadata, now)
+            licence_set = self.accept_licence_set(licences, now) if licences else None
+        except BaseException:
+            self.registry = VersionRegistry(saved[0])
+            self._metadata, self._metadata_expires = saved[1], saved[2]
+            raise
+        return opened, licence_set
+
     def require_fresh(self, now: int) -> None:
         """Return None if sync metadata valid at ``now`` was accepted; else raise StaleMetadata."""
         if self._metadata_expires is None:

@@ -210,7 +210,9 @@ class CentralPeer:
     batches: dict[str, bytes] = field(default_factory=dict)
     batch_sends: list[str] = field(default_factory=list)
     fetch_delay: float = 0.0
-    tamper: str = ""  # "", "bundle-bit", "wrong-recipient", "rollback", "no-ack-signature"
+    # "", "bundle-bit", "wrong-recipient", "rollback", "no-ack-signature",
+    # "strip-licences" (a sync sends the metadata without the licence set it lists)
+    tamper: str = ""
     ack_usage: bool = True
     replay_bundle: bytes = b""  # served instead of the current bundle (a replay attack)
     replay_metadata: bytes = b""  # served instead of fresh metadata
@@ -307,7 +309,8 @@ class CentralPeer:
         if isinstance(msg, messages.Sync):
             self._count("sync")
             meta = self.replay_metadata or self.metadata()
-            return messages.SyncData(sealed=meta, sealed_licences=self.licence_set())
+            licences = b"" if self.tamper == "strip-licences" else self.licence_set()
+            return messages.SyncData(sealed=meta, sealed_licences=licences)
         if isinstance(msg, messages.FetchService):
             self._count("fetch")
             if self.fetch_delay:

@@ -119,6 +119,32 @@ async def test_revocation_removes_the_built_service(bed: Bed) -> None:
     assert (await call(bed, {})).status_code == 403
 
 
+async def test_a_revocation_stripped_from_the_sync_cannot_be_outlived(bed: Bed) -> None:
+    assert (await call(bed, {})).status_code == 200
+    bed.peer.revoke("L-1")
+    # the upstream relays central's fresh metadata but not the set it lists
+    bed.peer.tamper = "strip-licences"
+    assert not await bed.daemon.daemon.sync_now()
+    assert "InvalidObject" in bed.daemon.events("sync_failed")[-1]
+    trust = bed.daemon.daemon.trust
+    # nothing was adopted: the old set under the metadata that listed it,
+    # which expires on its own time (the bound on any withheld sync)
+    assert not trust.licences.revoked
+    assert trust.verifier.metadata is not None
+    assert (await call(bed, {})).status_code == 200
+    # a restart finds the same consistent pair on disk and serves on
+    await bed.daemon.stop()
+    from inner_testbed import DaemonRunner
+
+    bed.daemon = DaemonRunner(bed.gw)
+    await bed.daemon.start()
+    assert (await call(bed, {})).status_code == 200
+    # the whole sync applies the revocation
+    bed.peer.tamper = ""
+    assert await bed.daemon.daemon.sync_now()
+    assert (await call(bed, {})).status_code == 403
+
+
 async def test_expiry_removes_the_service_and_payment_rebuilds_it(bed: Bed) -> None:
     assert (await call(bed, {})).status_code == 200
     now = int(time.time())

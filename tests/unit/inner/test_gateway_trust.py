@@ -153,9 +153,46 @@ def test_freeze_ends_in_sync_required_then_revocation_applies(tmp_path: Path) ->
     with pytest.raises(InvalidObject):
         trust.receive_sync(central.metadata([lics], at=T, window=3 * DAY), b"", 3 * DAY + 1.0)
     revoked = central.licence_set(until=T + 365 * DAY, revoked=True)
-    trust.receive_sync(central.metadata([revoked], at=T + 4 * DAY), b"", 3 * DAY + 2.0)
-    trust.receive_licence_set(revoked, 3 * DAY + 3.0)
+    trust.receive_sync(central.metadata([revoked], at=T + 4 * DAY), revoked, 3 * DAY + 2.0)
     assert isinstance(call(trust, 3 * DAY + 4.0), Revoked)
+
+
+def test_a_sync_whose_licence_set_fails_changes_nothing(tmp_path: Path) -> None:
+    central = Central()
+    lics = central.licence_set(until=T + 365 * DAY)
+    trust = boot(tmp_path, "b1")
+    trust.receive_sync(central.metadata([lics], at=T, window=3 * DAY), lics, 0.0)
+    files = {n: (tmp_path / n).read_bytes() for n in ("sync.cbor", "versions.json")}
+    revoked = central.licence_set(until=T + 365 * DAY, revoked=True)
+    damaged = bytearray(revoked)
+    damaged[-1] ^= 1
+    with pytest.raises(InvalidObject):
+        trust.receive_sync(central.metadata([revoked], at=T + 2 * DAY), bytes(damaged), DAY)
+    assert {n: (tmp_path / n).read_bytes() for n in files} == files
+    assert trust.now(DAY) == T + DAY  # central's time in the refused sync was not taken
+    # The set in force goes on under the metadata that listed it, after a reboot too.
+    assert isinstance(call(trust, DAY + 1.0), Allow)
+    assert isinstance(call(boot(tmp_path, "b2", mono=DAY + 1.0), DAY + 2.0), Allow)
+
+
+def test_fresh_metadata_cannot_keep_a_set_it_does_not_list_in_force(tmp_path: Path) -> None:
+    # The outer module relays central's new metadata but strips the new set
+    # (a revocation): the old set must not live on under the new metadata.
+    central = Central()
+    lics = central.licence_set(until=T + 365 * DAY)
+    trust = boot(tmp_path, "b1")
+    trust.receive_sync(central.metadata([lics], at=T, window=3 * DAY), lics, 0.0)
+    revoked = central.licence_set(until=T + 365 * DAY, revoked=True)
+    for day in (1, 2, 3, 4):
+        meta = central.metadata([revoked], at=T + day * DAY, window=3 * DAY)
+        with pytest.raises(InvalidObject):
+            trust.receive_sync(meta, b"", day * DAY)
+    # No later than the old metadata's expiry the gateway stops, as if cut off ...
+    assert isinstance(call(trust, 3 * DAY + 1.0), SyncRequired)
+    # ... and the first whole sync applies the revocation.
+    meta = central.metadata([revoked], at=T + 5 * DAY, window=3 * DAY)
+    trust.receive_sync(meta, revoked, 3 * DAY + 2.0)
+    assert isinstance(call(trust, 3 * DAY + 3.0), Revoked)
 
 
 def test_rollback_refused_and_state_unchanged(tmp_path: Path) -> None:
