@@ -48,9 +48,8 @@ from firmware.common import sdnotify
 from firmware.common.adapters.serial import open_serial
 from firmware.common.adapters.tcp import connect_tcp
 from firmware.common.adapters.transport import Transport
-from firmware.common.crypto.freshness import object_name
+from firmware.common.crypto.errors import UnlistedObject
 from firmware.common.crypto.keys import RecipientKey, SigningKey, VerifyKey
-from firmware.common.crypto.sealed import Kind
 from firmware.common.errors import ConfigError, LinkError, OptogateError, RemoteError
 from firmware.common.link import messages
 from firmware.common.link.session import Role, SessionConfig
@@ -439,14 +438,20 @@ class InnerDaemon:
     async def _do_sync(self) -> bool:
         if not self.upstream.connected:
             return False
-        since = self.trust.verifier.registry.highest(object_name(Kind.SYNC_METADATA, self.gateway))
+        # name the licence set held: central then lists it without resending it
+        since = self.trust.licence_version
         try:
-            reply = await self.upstream.request(
-                messages.Sync(since_version=since),
-                timeout=self.config.link.sync_timeout_s,
-                expect=messages.SyncData,
-            )
-            self.trust.receive_sync(reply.sealed, reply.sealed_licences, time.monotonic())
+            reply = await self._request_sync(since)
+            try:
+                self.trust.receive_sync(reply.sealed, reply.sealed_licences, time.monotonic())
+            except UnlistedObject:
+                if since == 0 or reply.sealed_licences:
+                    raise
+                # "unchanged", yet the metadata lists another set than the one held
+                # (say, a relay's stale answer): ask once more, for the whole set
+                self.log("sync_set_not_held", since=since)
+                reply = await self._request_sync(0)
+                self.trust.receive_sync(reply.sealed, reply.sealed_licences, time.monotonic())
         except (LinkError, RemoteError, OptogateError) as e:
             self.stats["sync_failures"] += 1
             self.log("sync_failed", error=f"{type(e).__name__}: {e}")
@@ -456,6 +461,13 @@ class InnerDaemon:
         self.builder.reconcile(self.trust.licences, self.trust.now(time.monotonic()))
         self.log("synced", trusted_time=self.trust.now(time.monotonic()))
         return True
+
+    async def _request_sync(self, since: int) -> messages.SyncData:
+        return await self.upstream.request(
+            messages.Sync(since_version=since),
+            timeout=self.config.link.sync_timeout_s,
+            expect=messages.SyncData,
+        )
 
     async def ship_usage(self) -> None:
         """Cut the journal into batches and send every pending one until acked."""

@@ -150,6 +150,18 @@ class GatewayTrust:
         return self._licences
 
     @property
+    def licence_version(self) -> int:
+        """The version of the licence set in force, 0 if none (what a sync names as held).
+
+        The set in force is always the one the metadata in force lists.
+        """
+        meta = self._verifier.metadata
+        if self._licences is None or meta is None:
+            return 0
+        ref = meta.find(Kind.LICENCE_SET, meta.gateway)
+        return 0 if ref is None else ref.version
+
+    @property
     def verifier(self) -> SyncVerifier:
         """The underlying verifier (for status and tests)."""
         return self._verifier

@@ -8,7 +8,8 @@
     ├── InvalidSignature                a signature does not verify
     ├── InvalidObject(ValueError)       a sealed object is not valid (deliberately vague)
     │   ├── ExpiredObject               authentic, but past its expiry at trusted time
-    │   └── RollbackError               authentic, but older than a version already accepted
+    │   ├── RollbackError               authentic, but older than a version already accepted
+    │   └── UnlistedObject              not the version the sync metadata in force lists
     ├── StaleMetadata                   no sync metadata fresh enough at trusted time (freeze)
     └── InvalidApiKey(ValueError)       a string that is not an API key at all
 
@@ -45,6 +46,10 @@ class ExpiredObject(InvalidObject):
 
 class RollbackError(InvalidObject):
     """An authentic sealed object older than one already accepted (or conflicting with it)."""
+
+
+class UnlistedObject(InvalidObject):
+    """An object that the accepted sync metadata does not list, at least not in this version."""
 
 
 class StaleMetadata(CryptoError):

@@ -46,7 +46,12 @@ from pathlib import Path
 
 import cbor2
 
-from firmware.common.crypto.errors import InvalidObject, RollbackError, StaleMetadata
+from firmware.common.crypto.errors import (
+    InvalidObject,
+    RollbackError,
+    StaleMetadata,
+    UnlistedObject,
+)
 from firmware.common.crypto.keys import RecipientKey, VerifyKey
 from firmware.common.crypto.sealed import Kind, Opened, open_sealed, verify_sealed
 from firmware.common.errors import CryptoError
@@ -354,7 +359,7 @@ class SyncVerifier:
         name = object_name(kind, subject)
         ref = self._metadata.find(kind, subject)
         if ref is None:
-            raise InvalidObject(f"{name} is not in the sync metadata")
+            raise UnlistedObject(f"{name} is not in the sync metadata")
         opened = open_sealed(
             data,
             self._recipient,
@@ -365,14 +370,14 @@ class SyncVerifier:
             min_version=self.registry.highest(name),
         )
         if opened.header.version != ref.version or opened.digest != ref.digest:
-            raise InvalidObject(f"{name} is not the version the sync metadata lists")
+            raise UnlistedObject(f"{name} is not the version the sync metadata lists")
         return opened
 
     def accept_object(self, data: bytes, kind: Kind, subject: str, now: int) -> Opened:
         """Open a bundle (or other listed object) that the current metadata lists.
 
         Returns it opened.  Raises StaleMetadata (no fresh metadata),
-        InvalidObject (not valid, or not the listed object: mix-and-match),
+        InvalidObject (not valid; UnlistedObject: not the listed object, mix-and-match),
         ExpiredObject, or RollbackError.  The registry is updated only on success.
         """
         opened = self._open_listed(data, kind, subject, now)

@@ -343,7 +343,11 @@ class FetchService(Message):
 @_message(Kind.SYNC, reply=False)
 @dataclass(frozen=True, slots=True)
 class Sync(Message):
-    """Ask for everything (licences, key hashes, revocations, time) newer than a version."""
+    """Ask for fresh sync metadata and the licence set it lists.
+
+    ``since_version`` is the version of the licence set the gateway holds (0:
+    none); when that is the set the metadata lists, it is not resent.
+    """
 
     since_version: int = _f(_Int(0, INT64_MAX))
 

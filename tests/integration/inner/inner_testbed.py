@@ -211,8 +211,10 @@ class CentralPeer:
     batch_sends: list[str] = field(default_factory=list)
     fetch_delay: float = 0.0
     # "", "bundle-bit", "wrong-recipient", "rollback", "no-ack-signature",
-    # "strip-licences" (a sync sends the metadata without the licence set it lists)
+    # "strip-licences" (a sync sends the metadata without the licence set it lists),
+    # "claim-unchanged" (a sync asked with any since_version but 0 sends no set)
     tamper: str = ""
+    since_versions: list[int] = field(default_factory=list)  # of every Sync, in order
     ack_usage: bool = True
     replay_bundle: bytes = b""  # served instead of the current bundle (a replay attack)
     replay_metadata: bytes = b""  # served instead of fresh metadata
@@ -308,8 +310,15 @@ class CentralPeer:
     async def handle(self, msg: messages.Message) -> messages.Message | None:
         if isinstance(msg, messages.Sync):
             self._count("sync")
+            self.since_versions.append(msg.since_version)
             meta = self.replay_metadata or self.metadata()
-            licences = b"" if self.tamper == "strip-licences" else self.licence_set()
+            # as central: the set the gateway says it holds is listed, not resent
+            unchanged = msg.since_version == self._set_version or (
+                self.tamper == "claim-unchanged" and msg.since_version != 0
+            )
+            licences = self.licence_set()
+            if unchanged or self.tamper == "strip-licences":
+                licences = b""
             return messages.SyncData(sealed=meta, sealed_licences=licences)
         if isinstance(msg, messages.FetchService):
             self._count("fetch")

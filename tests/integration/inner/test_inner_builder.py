@@ -8,7 +8,10 @@ import time
 
 import httpx
 import pytest
-from inner_testbed import Bed, algo_bundle
+from inner_testbed import GW, Bed, algo_bundle
+
+from firmware.common.crypto.freshness import object_name
+from firmware.common.crypto.sealed import Kind
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -125,7 +128,9 @@ async def test_a_revocation_stripped_from_the_sync_cannot_be_outlived(bed: Bed) 
     # the upstream relays central's fresh metadata but not the set it lists
     bed.peer.tamper = "strip-licences"
     assert not await bed.daemon.daemon.sync_now()
-    assert "InvalidObject" in bed.daemon.events("sync_failed")[-1]
+    assert "UnlistedObject" in bed.daemon.events("sync_failed")[-1]
+    held = _held_version(bed)
+    assert bed.peer.since_versions[-2:] == [held, 0]  # asked again for the whole set
     trust = bed.daemon.daemon.trust
     # nothing was adopted: the old set under the metadata that listed it,
     # which expires on its own time (the bound on any withheld sync)
@@ -142,6 +147,65 @@ async def test_a_revocation_stripped_from_the_sync_cannot_be_outlived(bed: Bed) 
     # the whole sync applies the revocation
     bed.peer.tamper = ""
     assert await bed.daemon.daemon.sync_now()
+    assert (await call(bed, {})).status_code == 403
+
+
+def _held_version(bed: Bed, kind: Kind = Kind.LICENCE_SET) -> int:
+    return bed.daemon.daemon.trust.verifier.registry.highest(object_name(kind, GW))
+
+
+async def test_a_sync_names_the_licence_set_held_and_an_unchanged_set_is_not_resent(
+    bed: Bed,
+) -> None:
+    assert (await call(bed, {})).status_code == 200
+    held = _held_version(bed)
+    assert held > 0
+    assert await bed.daemon.daemon.sync_now()
+    # the inner module named the set it holds; the answer listed it and did not resend it
+    assert bed.peer.since_versions[-1] == held
+    assert _held_version(bed) == held
+    assert (await call(bed, {})).status_code == 200
+    # a changed set is sent whole and applied
+    bed.peer.revoke("L-1")
+    assert await bed.daemon.daemon.sync_now()
+    assert bed.peer.since_versions[-1] == held
+    assert _held_version(bed) > held
+    assert (await call(bed, {})).status_code == 403
+
+
+async def test_a_new_licence_set_is_not_mistaken_for_the_held_metadata_version(
+    bed: Bed,
+) -> None:
+    """Central's sync metadata and licence set versions are both millisecond clocks.
+
+    The set a payment makes can carry the very number of the metadata the
+    gateway holds; the sync must still fetch it.
+    """
+    now = int(time.time())
+    bed.peer._meta_version = 1000  # well above the set versions so far
+    bed.peer.grant("algo", bed.key, lic_id="L-1", valid_until=now - 5)
+    assert await bed.daemon.daemon.sync_now()
+    assert (await call(bed, {})).status_code == 402
+    held_meta = _held_version(bed, Kind.SYNC_METADATA)
+    assert held_meta > 1000
+    # the payment's set gets the held metadata's number
+    bed.peer._set_version = held_meta - 1
+    bed.peer.grant("algo", bed.key, lic_id="L-1", valid_until=now + 3600)
+    assert await bed.daemon.daemon.sync_now(), bed.daemon.events("sync_failed")
+    assert _held_version(bed) == held_meta
+    assert (await call(bed, {})).status_code == 200
+
+
+async def test_an_upstream_claiming_the_set_unchanged_is_asked_for_it_again(bed: Bed) -> None:
+    assert (await call(bed, {})).status_code == 200
+    held = _held_version(bed)
+    bed.peer.revoke("L-1")
+    # the upstream answers "unchanged" although the metadata lists a newer set
+    bed.peer.tamper = "claim-unchanged"
+    assert await bed.daemon.daemon.sync_now()
+    # the lean answer did not fit what is held: asked again for the whole set
+    assert bed.peer.since_versions[-2:] == [held, 0]
+    assert _held_version(bed) > held
     assert (await call(bed, {})).status_code == 403
 
 
