@@ -86,7 +86,11 @@ class LicenceEntry:
 
 @dataclass(frozen=True)
 class SyncEntry:
-    """The last sync reply from central and when it was stored (Unix seconds)."""
+    """The last sync reply from central and when it was stored (Unix seconds).
+
+    ``licences`` is the digest of the licence set the sync lists, or None when
+    central sent none (the set was unchanged) and the cache does not hold it.
+    """
 
     sealed: str
     licences: str | None
@@ -279,8 +283,20 @@ class SealedCache:
             self.services, self.licence, self.sync = saved
             raise
 
-    def store_sync(self, sealed: bytes, licences: tuple[int, bytes] | None, now: float) -> None:
-        """Record a sync reply from central.  Raises CacheError like :meth:`store_service`."""
+    def store_sync(
+        self,
+        sealed: bytes,
+        licences: tuple[int, bytes] | None,
+        now: float,
+        unchanged: int = 0,
+    ) -> None:
+        """Record a sync reply from central.  Raises CacheError like :meth:`store_service`.
+
+        ``licences`` is the set central sent (version, bytes), or None when it
+        sent none because the request named the set it lists as held: then
+        ``unchanged`` is that version, and the entry keeps the cached set if
+        it is that one.
+        """
         saved = (dict(self.services), self.licence, self.sync)
         try:
             meta = self._put(sealed)
@@ -288,6 +304,8 @@ class SealedCache:
             if licences is not None:
                 lic = self._put(licences[1])
                 self._note_licence(*licences)
+            elif self.licence is not None and unchanged and self.licence.version == unchanged:
+                lic = self.licence.digest
             self.sync = SyncEntry(meta, lic, now)
             self._commit()
         except CacheError:

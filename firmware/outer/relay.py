@@ -9,8 +9,10 @@ serves with, and it answers exactly the requests the inner module may make:
 =================  ===========================================================
 ``FetchService``   from the cache when it can (no call), else from central;
                    the reply is cached
-``Sync``           from the last sync when it is recent (``sync_serve_age``),
-                   else from central; the reply is cached
+``Sync``           from the last sync when it is recent (``sync_serve_age``)
+                   and its licence set is cached, else from central; the
+                   reply is cached.  The set is left out when the inner
+                   module names it as held (``since_version``)
 ``UsageReport``    always to central (only central's signed ack lets the inner
                    module drop a batch)
 ``Status``         the outer module's status summary (``StatusReport``)
@@ -393,10 +395,13 @@ class Relay:
     async def _sync(self, msg: messages.Sync) -> messages.SyncData:
         now = self._wall()
         last = self._cache.sync
-        if last is not None and 0 <= now - last.stored_at <= self._sync_serve_age:
+        fresh = last is not None and 0 <= now - last.stored_at <= self._sync_serve_age
+        if last is not None and last.licences is not None and fresh:
+            # the set the sync lists is cached: resent unless the inner module holds it
+            held = self._cache.licence
             sealed = await self._on_disk(self._cache.read, last.sealed)
             licences: bytes | None = b""
-            if last.licences:
+            if held is None or held.digest != last.licences or held.version != msg.since_version:
                 licences = await self._on_disk(self._cache.read, last.licences)
             if sealed is not None and licences is not None:
                 self.counters["sync_cache_hits"] += 1
@@ -407,16 +412,20 @@ class Relay:
         await self._verify(reply.sealed, Kind.SYNC_METADATA)
         if reply.sealed_licences:
             await self._verify(reply.sealed_licences, Kind.LICENCE_SET)
-        await self.store_sync(reply, verified=True)
+        await self.store_sync(reply, verified=True, since=msg.since_version)
         self._uplink.note_synced()
         self._log("synced", bytes=len(reply.sealed) + len(reply.sealed_licences))
         return reply
 
-    async def store_sync(self, reply: messages.SyncData, *, verified: bool = False) -> None:
+    async def store_sync(
+        self, reply: messages.SyncData, *, verified: bool = False, since: int = 0
+    ) -> None:
         """Cache a sync reply from central (the uplink's periodic sync calls this).
 
-        Verifies it first unless ``verified``; an object that does not verify
-        is counted and not cached.  Never raises.
+        ``since`` is the licence set version the request named (central then
+        sends no set when that is the one it lists).  Verifies the reply first
+        unless ``verified``; an object that does not verify is counted and not
+        cached.  Never raises.
         """
         try:
             meta = verify_sealed(reply.sealed, self._key) if not verified else None
@@ -428,7 +437,7 @@ class Relay:
                 if header.kind is not Kind.LICENCE_SET:
                     raise InvalidObject("not a licence set")
                 licences = (header.version, reply.sealed_licences)
-            await self._on_disk(self._cache.store_sync, reply.sealed, licences, self._wall())
+            await self._on_disk(self._cache.store_sync, reply.sealed, licences, self._wall(), since)
         except InvalidObject as e:
             self.counters["errors_bad_upstream_object"] += 1
             self._log("sync_not_cached", error=str(e))

@@ -35,6 +35,7 @@ from firmware.common.uplink import auth_transcript
 
 NOW = 1_767_225_600
 GATEWAY = "gw-test"
+LICENCE_VERSION = 7  # of the licence set the peer serves
 
 
 @dataclass
@@ -92,7 +93,7 @@ class CentralPeer:
         self.bundle_version = 3
         # incompressible, so the sealed bundle is as large as asked
         self.bundle = sealed(keys, Kind.BUNDLE, "dxf", self.bundle_version, os.urandom(bundle_size))
-        self.licences = sealed(keys, Kind.LICENCE_SET, GATEWAY, 7, b"licences")
+        self.licences = sealed(keys, Kind.LICENCE_SET, GATEWAY, LICENCE_VERSION, b"licences")
         self.connections = 0
         self.open_connections = 0
         self.requests: list[tuple[int, str]] = []
@@ -179,7 +180,9 @@ class CentralPeer:
             if isinstance(msg, m.Sync):
                 self._sync_version += 1
                 meta = sealed(self.keys, Kind.SYNC_METADATA, GATEWAY, self._sync_version, b"meta")
-                return m.SyncData(sealed=meta, sealed_licences=self.licences)
+                # as central: the set the gateway names as held is listed, not resent
+                held = msg.since_version == LICENCE_VERSION
+                return m.SyncData(sealed=meta, sealed_licences=b"" if held else self.licences)
             if isinstance(msg, m.UsageReport):
                 ack = sealed(self.keys, Kind.USAGE_ACK, GATEWAY, 1, b"ack")
                 return m.UsageAck(batch_id="b1", sealed_ack=ack)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from outer_central_peer import CentralPeer, Keys
+from outer_central_peer import LICENCE_VERSION, CentralPeer, Keys
 
 from firmware.common.adapters.serial import open_serial
 from firmware.common.adapters.tcp import StreamTransport, connect_tcp
@@ -178,6 +178,33 @@ async def test_periodic_sync_at_start_answers_the_inner_modules_sync_without_a_c
             assert status.fields["relay.sync_cache_hits"] == 1
             assert status.fields["uplink.calls"] == 1
             assert "last_sync" in status.fields
+        finally:
+            await close(inner)
+
+
+@pytest.mark.timeout(30)
+async def test_a_sync_naming_the_held_set_is_answered_without_it_from_central_or_cache(
+    tmp_path: Path,
+) -> None:
+    async with outer_daemon(tmp_path) as outer:
+        inner = await outer.inner()
+        try:
+
+            async def sync(since: int) -> m.SyncData:
+                return await inner.request(
+                    m.Sync(since_version=since), timeout=10, expect=m.SyncData
+                )
+
+            assert (await sync(LICENCE_VERSION)).sealed_licences == b""  # central's answer
+            # the set is not cached yet: a holder of another one cannot be answered
+            assert (await sync(0)).sealed_licences == outer.peer.licences
+            assert outer.peer.kinds().count("SYNC") == 2
+            # now it is: the cache answers either holder, leaving the set out for its holder
+            assert (await sync(LICENCE_VERSION)).sealed_licences == b""
+            assert (await sync(LICENCE_VERSION - 1)).sealed_licences == outer.peer.licences
+            assert outer.peer.kinds().count("SYNC") == 2
+            status = await inner.request(m.Status(), timeout=5, expect=m.StatusReport)
+            assert status.fields["relay.sync_cache_hits"] == 2
         finally:
             await close(inner)
 

@@ -171,3 +171,21 @@ def test_leftover_temporary_files_are_removed(tmp_path: Path) -> None:
     (tmp_path / "objects" / ".x.123.tmp").write_bytes(b"half")
     SealedCache(tmp_path).load()
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_sync_without_the_set_keeps_the_cached_set_only_if_it_is_the_one_named(
+    tmp_path: Path,
+) -> None:
+    cache = SealedCache(tmp_path)
+    cache.load()
+    cache.store_sync(b"meta 1", (8, b"licences v8"), 1.0)
+    # central sent no set: the request named v8 as held, so the sync lists v8
+    cache.store_sync(b"meta 2", None, 2.0, 8)
+    assert cache.sync is not None and cache.sync.licences == digest_of(b"licences v8")
+    # named a set the cache does not hold: the entry cannot answer with a set
+    cache.store_sync(b"meta 3", None, 3.0, 7)
+    assert cache.sync is not None and cache.sync.licences is None
+    again = SealedCache(tmp_path)
+    again.load()
+    assert again.sync == cache.sync
+    assert again.licence == LicenceEntry(8, digest_of(b"licences v8"))  # still cached
