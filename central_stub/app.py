@@ -181,7 +181,8 @@ async def run(config: CentralConfig, *, stop: asyncio.Event | None = None) -> in
             write_status(config, server.status())
             sdnotify.notify("WATCHDOG=1")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
+                async with asyncio.timeout(period):
+                    await stop.wait()
     finally:
         sdnotify.notify("STOPPING=1")
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -371,7 +371,8 @@ class CentralServer:
             await transport.aclose()
         if self._active:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE)
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await self._idle.wait()
         for server in self._servers:
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()

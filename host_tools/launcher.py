@@ -115,6 +115,7 @@ class Managed:
     err_reader: threading.Thread | None = None
     stopping: bool = False
     unpowered: bool = False
+    killed: bool = False  # asked to stop, it outlived its grace and was killed
 
     @property
     def pid(self) -> int:
@@ -353,6 +354,7 @@ class Supervisor:
                 managed.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 print(f"{name} did not stop within {grace:g} s: killing it", file=sys.stderr)
+                managed.killed = True
                 _signal_group(pgid, signal.SIGKILL)
                 managed.proc.wait()
         # Whatever the process left in its group (workers) goes with it.

@@ -206,7 +206,8 @@ class ModemEmulator:
             deadline = self.core.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self._now())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _service(self, now: float) -> None:
         # Bytes first: when the carrier drops after N bytes, the bytes that
@@ -269,9 +270,8 @@ class ModemEmulator:
     async def _connect(self, address: str) -> None:
         try:
             host, port = parse_address(address)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), CONNECT_TIMEOUT
-            )
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError, ValueError) as e:
             self._log("line_failed", address=address, error=str(e))
             self.core.line_failed(self._now())

@@ -85,6 +85,7 @@ def test_tour_every_step_behaves() -> None:
         pids = [m.pid for m in sup.processes.values()]
         outer_restarts = sup.processes["outer"].restarts
         deaths = list(sup.deaths)
+    killed = [name for name, m in sup.processes.items() if m.killed]
     report = "\n".join(f"{r.name}: {r.ok} {r.seconds:.1f} s {r.detail}" for r in results)
     assert [r.name for r in results] == [title for title, _ in STEPS], report
     cold, warm, doc, expired, payment, paid, cut, back = results
@@ -114,6 +115,7 @@ def test_tour_every_step_behaves() -> None:
     assert usage.get(EXPIRING_SERVICE) == 1, usage
     assert usage.get("polyline-simplify", 0) in (0, 1), usage
     assert deaths == [], f"processes died during the tour: {deaths}"
+    assert killed == [], f"did not stop on SIGTERM within their grace: {killed}"
     assert not any(_alive(pid) for pid in pids)
 
 

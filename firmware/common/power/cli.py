@@ -106,7 +106,13 @@ async def _until_stopped(seconds: float | None, *work: Awaitable[None]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     tasks = [asyncio.ensure_future(w) for w in work]
-    stopper: asyncio.Future[Any] = asyncio.ensure_future(asyncio.wait_for(stop.wait(), seconds))
+
+    async def stopped() -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stop.wait()
+
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(stopped())
     everything: list[asyncio.Future[Any]] = [*tasks, stopper]
     try:
         done, _ = await asyncio.wait(everything, return_when=asyncio.FIRST_COMPLETED)

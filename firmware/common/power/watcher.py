@@ -187,7 +187,8 @@ class LedDriver:
                 self._changed.clear()
                 timeout = None if deadline is None else max(0.0, deadline - self._clock())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait()
         finally:
             for line, pin in outputs.values():
                 line.write(pin.level_for(False))

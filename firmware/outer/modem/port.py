@@ -494,7 +494,8 @@ class ModemConnection:
             if self._core.state is State.ONLINE and self._port.has_modem_control:
                 timeout = DCD_POLL if timeout is None else min(timeout, DCD_POLL)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _service(self) -> None:
         self._note_state()

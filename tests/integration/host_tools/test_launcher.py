@@ -59,6 +59,7 @@ def test_starts_in_order_reads_ready_lines_and_stops_in_reverse(tmp_path: Path) 
     finally:
         sup.stop_all()
     assert [m.state for m in sup.processes.values()] == ["stopped", "stopped"]
+    assert not any(m.killed for m in sup.processes.values())
     assert sup.deaths == []
     stops = [name for name, state in seen if state == "stopped"]
     assert stops == ["daemon", "sim"]
@@ -143,6 +144,7 @@ def test_a_process_ignoring_sigterm_is_killed_with_its_group(tmp_path: Path) -> 
     finally:
         sup.stop_all()
     assert managed.proc.returncode == -signal.SIGKILL
+    assert managed.killed  # so a test can tell it did not stop on its own
     deadline = time.monotonic() + 5
     while True:  # the grandchild went with the group (reaped by init)
         try:

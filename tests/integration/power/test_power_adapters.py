@@ -160,6 +160,27 @@ async def test_led_driver_applies_patterns_and_switches_off() -> None:
     assert not fault.level
 
 
+@pytest.mark.parametrize("turns", range(6))
+async def test_led_driver_stops_when_cancelled_as_its_state_changes(turns: int) -> None:
+    """A cancel that lands while a state change wakes the driver still stops it.
+
+    (``asyncio.wait_for`` on 3.11 swallowed such a cancel: the daemon then
+    hung on its way out, deaf to SIGTERM.)
+    """
+    gpio = SimGpio()
+    leds = LedDriver(gpio, CONFIG, state=LinkState.ERROR)  # blinking: a deadline pending
+    task = asyncio.create_task(leds.run())
+    await eventually(lambda: len(gpio.pin(23).history) >= 2)
+    leds.set_state(LinkState.LINK_UP)
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(WAIT_S):
+            await task
+    assert task.cancelled()
+
+
 # -- the follower against an in-test server speaking the watch contract ----------
 
 
