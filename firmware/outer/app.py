@@ -147,7 +147,9 @@ class OuterDaemon:
             cfg.policy,
             connect_timeout=cfg.connect_timeout,
             request_timeout=cfg.request_timeout,
-            on_sync=lambda reply: relay.store_sync(reply),  # noqa: PLW0108 - relay comes next
+            # relay comes next
+            on_sync=lambda reply, since: relay.store_sync(reply, since=since),
+            licence_version=lambda: relay.licence_version,
             log=self._log,
         )
         relay = Relay(

@@ -417,6 +417,12 @@ class Relay:
         self._log("synced", bytes=len(reply.sealed) + len(reply.sealed_licences))
         return reply
 
+    @property
+    def licence_version(self) -> int:
+        """The version of the licence set cached, 0 if none (a periodic sync names it)."""
+        held = self._cache.licence
+        return 0 if held is None else held.version
+
     async def store_sync(
         self, reply: messages.SyncData, *, verified: bool = False, since: int = 0
     ) -> None:

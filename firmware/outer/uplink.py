@@ -345,8 +345,10 @@ class Uplink:
     """Requests to central over the configured transports; see the module docstring.
 
     Create inside a running loop; run :meth:`run` as a task (periodic sync,
-    idle hang-up); call :meth:`aclose` to stop.  ``on_sync`` receives the
-    reply of every periodic sync.
+    idle hang-up); call :meth:`aclose` to stop.  A periodic sync names the
+    licence set ``licence_version()`` returns as held (central then leaves
+    it out if it is still the one in force); ``on_sync`` receives each reply
+    with that version.
     """
 
     def __init__(
@@ -357,7 +359,8 @@ class Uplink:
         *,
         connect_timeout: float = 120.0,
         request_timeout: float = 1800.0,
-        on_sync: Callable[[messages.SyncData], Awaitable[None]] | None = None,
+        on_sync: Callable[[messages.SyncData, int], Awaitable[None]] | None = None,
+        licence_version: Callable[[], int] | None = None,
         log: Log = _no_log,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -371,6 +374,7 @@ class Uplink:
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._on_sync = on_sync
+        self._licence_version = licence_version
         self._log = log
         self._call: _Call | None = None
         self._connecting: asyncio.Future[_Call] | None = None
@@ -602,10 +606,11 @@ class Uplink:
         self.policy.sync_started(self._loop.time())
         ok = False
         try:
-            reply = await self.request(messages.Sync(since_version=0), messages.SyncData)
+            since = 0 if self._licence_version is None else self._licence_version()
+            reply = await self.request(messages.Sync(since_version=since), messages.SyncData)
             self.last_sync_wall = time.time()
             if self._on_sync is not None:
-                await self._on_sync(reply)
+                await self._on_sync(reply, since)
             ok = True
             return reply
         finally:

@@ -97,6 +97,7 @@ class CentralPeer:
         self.connections = 0
         self.open_connections = 0
         self.requests: list[tuple[int, str]] = []
+        self.since_versions: list[int] = []  # of every Sync, in order
         self.refuse_auth = False
         self.reply_delay = 0.0
         self.line_baud = 115200  # the session's pacing on the modem side
@@ -180,6 +181,7 @@ class CentralPeer:
             if isinstance(msg, m.Sync):
                 self._sync_version += 1
                 meta = sealed(self.keys, Kind.SYNC_METADATA, GATEWAY, self._sync_version, b"meta")
+                self.since_versions.append(msg.since_version)
                 # as central: the set the gateway names as held is listed, not resent
                 held = msg.since_version == LICENCE_VERSION
                 return m.SyncData(sealed=meta, sealed_licences=b"" if held else self.licences)

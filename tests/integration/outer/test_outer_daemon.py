@@ -178,6 +178,15 @@ async def test_periodic_sync_at_start_answers_the_inner_modules_sync_without_a_c
             assert status.fields["relay.sync_cache_hits"] == 1
             assert status.fields["uplink.calls"] == 1
             assert "last_sync" in status.fields
+            # the next periodic sync names the cached set: central leaves it out,
+            # and the cache still answers the inner module with it
+            uplink = outer.daemon._uplink
+            assert uplink is not None
+            await uplink.sync_now()  # as the schedule would
+            assert outer.peer.since_versions == [0, LICENCE_VERSION]
+            reply = await inner.request(m.Sync(since_version=0), timeout=10, expect=m.SyncData)
+            assert reply.sealed_licences == outer.peer.licences
+            assert outer.peer.kinds().count("SYNC") == 2
         finally:
             await close(inner)
 
