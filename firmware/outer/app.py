@@ -147,7 +147,7 @@ class OuterDaemon:
             cfg.policy,
             connect_timeout=cfg.connect_timeout,
             request_timeout=cfg.request_timeout,
-            # relay comes next
+            # lambdas: the relay they call is made next
             on_sync=lambda reply, since: relay.store_sync(reply, since=since),
             licence_version=lambda: relay.licence_version,
             log=self._log,
